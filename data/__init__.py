@@ -1,0 +1,60 @@
+"""Tasks: one entry point, `load_examples`, gives every stage script the same records.
+
+    from data import load_examples
+    records = load_examples("tiny_sudoku", "sft")                       # generated, offline
+    records = load_examples("gsm8k", "test", style="eval", limit=100)   # needs data/files/gsm8k_test.*
+
+Every record is a dict with
+- "prompt": chat messages, [{"role": "user", "content": ...}] (d1 puts its format instructions at
+  the front of the user message rather than in a system message; so do we),
+- "prefill": text to append right after the chat template's assistant header ("<reasoning>" for
+  d1's evaluation prompts, "" otherwise),
+- "completion": the SFT target, the text that follows prompt + prefill (None when there is none),
+- "question": the raw question, as stored in generation files,
+- "ground_truth": the reference in d1's generations-JSON format (gsm8k a float, countdown
+  [numbers, target], sudoku the 16-digit solution, math500 the answer string),
+- the reward columns, named as in d1: gsm8k/math500 "answer"; countdown "numbers", "target";
+  sudoku and tiny_sudoku "puzzle", "solution".
+
+style="train" gives d1's training prompts (answers in <answer> tags), style="eval" d1's evaluation
+prompts (answers in \\boxed{}, generation prefilled with "<reasoning>"). tiny_sudoku has a single
+compact prompt whatever the style.
+
+Generated splits (tiny_sudoku; sudoku and countdown "train") are drawn from `seed`; file splits are
+read in file order and `limit` keeps the first records.
+"""
+
+from data.countdown import countdown_examples
+from data.sudoku import TINY_NUM_SFT_GRIDS, sudoku_examples, tiny_sudoku_examples
+from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
+
+TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")
+DEFAULT_DATA_DIR = "data/files"
+
+
+def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limit=None, seed=0,
+                  num_sft_grids=None):
+    """The records of one task split (see the module docstring).
+
+    num_sft_grids: tiny_sudoku only, how many training grids the "sft" split draws from (default 16).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if num_sft_grids is not None and task != "tiny_sudoku":
+        raise ValueError(f"num_sft_grids belongs to tiny_sudoku, not {task!r}")
+    if task == "tiny_sudoku":
+        grids = TINY_NUM_SFT_GRIDS if num_sft_grids is None else num_sft_grids
+        return tiny_sudoku_examples(split, limit=limit, seed=seed, num_sft_grids=grids)
+    if task == "sudoku":
+        return sudoku_examples(split, data_dir=data_dir, style=style, limit=limit, seed=seed)
+    if task == "countdown":
+        return countdown_examples(split, data_dir=data_dir, style=style, limit=limit, seed=seed)
+    if task == "gsm8k":
+        return gsm8k_examples(split, data_dir=data_dir, style=style, limit=limit)
+    if task == "math500":
+        return math500_examples(split, data_dir=data_dir, style=style, limit=limit)
+    return s1k_examples(split, data_dir=data_dir, style=style, limit=limit)

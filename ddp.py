@@ -1,0 +1,209 @@
+"""
+Distributed training by hand, on torch.distributed, plus the small helpers every stage shares.
+
+The same script runs three ways:
+    python sft.py                                        # one process, no process group (world 1)
+    torchrun --standalone --nproc_per_node=2 sft.py      # CPU processes over gloo
+    torchrun --standalone --nproc_per_node=8 sft.py      # GPUs over nccl, one per process
+
+Every rank runs the same code path. Data is sharded by rank, gradients of the trainable parameters
+are averaged with all_reduce (flattened into buckets, not one call per tensor), metrics are averaged
+before rank 0 prints them, and rank 0 alone writes files.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Process group
+
+
+def init():
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK):
+    nccl on CUDA, gloo on CPU; with no RANK, a single process of world 1.
+    Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def cleanup():
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Gradients, parameters and metrics
+
+BUCKET_ELEMENTS = 2**26  # 64M elements per all_reduce: bounds the extra memory of the flat copy
+
+
+def all_reduce_gradients(params):
+    """Average the gradients of `params` over ranks, in place. Gradients are flattened into buckets so
+    that a LoRA model with hundreds of adapter tensors costs a handful of collectives."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    world = world_size()
+    i = 0
+    while i < len(grads):
+        bucket, n = [], 0
+        while i < len(grads) and (not bucket or n + grads[i].numel() <= BUCKET_ELEMENTS):
+            bucket.append(grads[i])
+            n += grads[i].numel()
+            i += 1
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_parameters(module):
+    """Copy rank 0's parameters to every rank, so that all ranks start identical."""
+    if not is_distributed():
+        return
+    for p in module.parameters():
+        dist.broadcast(p.data, src=0)
+
+
+def all_reduce_mean(metrics: dict, device="cpu"):
+    """Average a dict of floats over ranks (every rank must pass the same keys)."""
+    if not is_distributed() or not metrics:
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: v / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_sum(values, device="cpu"):
+    """Sum a list of floats over ranks."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device="cpu"):
+    """True on every rank when any rank says True: a stop flag that leaves no rank waiting."""
+    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+
+
+def gather_objects(obj):
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(items, rank, world_size):
+    """The items rank `rank` owns: every world_size-th one, starting at rank."""
+    return items[rank::world_size]
+
+
+# -----------------------------------------------------------------------------
+# Seeding, RNG state and rank-0 logging, shared by the stage scripts
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def log_jsonl(path, record):
+    """Append one metrics record to a JSONL file (rank 0 only)."""
+    if rank() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def derive_seed(*numbers):
+    """A 63-bit seed from a tuple such as (seed, step, example, sample): randomness that depends on what is
+    being computed, not on which rank computes it or on what ran before (runs reproduce at any world size)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*numbers, device="cpu"):
+    return torch.Generator(device).manual_seed(derive_seed(*numbers))
+
+
+def autocast(device):
+    """bf16 autocast on GPUs; plain fp32 on CPUs (bf16 matmuls are ~17x slower on this kind of CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def learning_rate(step, max_lr, warmup_steps, max_steps, schedule):
+    """Linear warm-up over warmup_steps, then constant or cosine decay to 10% of max_lr at max_steps.
+    A pure function of the step, so resuming needs only the step."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return max_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,316 @@
+"""
+Evaluation: greedy generations of a checkpoint on a task's test set, sharded over ranks, scored by the
+same checkers GRPO's rewards use (rewards.py), and written as ONE file in d1's generations JSON format.
+
+d1's settings are the defaults: temperature 0, block_length 32, steps = gen_length / 2, d1's evaluation
+prompts with "<reasoning>" appended after the chat template; countdown and sudoku on 256 problems
+subsampled with a fixed seed, all of GSM8K and MATH500.
+
+    python evaluate.py --model out/grpo                                      # the tiny default task
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model checkpoints/LLaDA-8B-Instruct \
+        --task gsm8k --gen-length 256                                        # d1's 8B evaluation
+    python evaluate.py --rescore results/                                    # score generation files
+
+A generations file is `{"generations": [{question, prompt_input, generations, ground_truth}, ...]}`;
+d1 writes one per rank, named `<setup>_<rank>_generations.json`, and pools the files of a setup. We
+gather all ranks and write one file, `<task>_<model>_<gen_length>_<steps>_0_generations.json`, so that a
+setup never mixes shards of different runs. Rescoring reads the task from the setup's prefix (countdown,
+gsm8k, math500 or d1's "math", sudoku, tiny_sudoku); accuracy is correct / total, which for sudoku
+counts cells (correct empty cells / empty cells), as d1 reports it.
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import time
+
+import torch
+from tqdm import tqdm
+
+import ddp
+import model as M
+import rewards
+from generate import generate
+
+# ---------------------------------------------------------------------------------------------------
+# Rescoring
+
+GENERATIONS_FILE = re.compile(r"^(?P<setup>.+)_(?P<rank>\d+)_generations\.json$")
+# Longest prefix first: "tiny_sudoku" before "sudoku", "math500" before d1's "math".
+TASK_PREFIXES = (("tiny_sudoku", "tiny_sudoku"), ("sudoku", "sudoku"), ("countdown", "countdown"),
+                 ("gsm8k", "gsm8k"), ("math500", "math500"), ("math", "math500"))
+
+
+def task_of_setup(setup):
+    """The task a setup name starts with."""
+    for prefix, task in TASK_PREFIXES:
+        if setup.startswith(prefix):
+            return task
+    raise ValueError(f"cannot tell the task of {setup!r}: its name must start with one of "
+                     f"{[p for p, _ in TASK_PREFIXES]}")
+
+
+def generation_files(paths):
+    """The generation files named by `paths` (files, or folders holding *_generations.json),
+    sorted and without duplicates."""
+    files = set()
+    for path in paths:
+        if os.path.isdir(path):
+            found = glob.glob(os.path.join(path, "*_generations.json"))
+            if not found:
+                raise FileNotFoundError(f"{path} holds no *_generations.json file")
+            files.update(os.path.realpath(f) for f in found)
+        elif os.path.isfile(path):
+            files.add(os.path.realpath(path))
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return sorted(files)
+
+
+def puzzle_of_question(task, question):
+    """The Sudoku puzzle a question holds. d1: the question itself when it starts with 16 digits,
+    else the 16 digits after "Sudoku puzzle: ". tiny_sudoku: the first 16 digits (4 rows)."""
+    if task == "tiny_sudoku":
+        return rewards.first_digits(question)
+    if len(question) >= 16 and question[:16].isdigit():
+        return question[:16]
+    match = re.search(r"Sudoku puzzle: ([0-9]{16})", question)
+    if match is None:
+        raise ValueError(f"no 16-digit Sudoku puzzle in the question {question[:80]!r}")
+    return match.group(1)
+
+
+def reward_columns(task, item):
+    """The columns rewards.score needs, built from one generations-JSON item."""
+    ground_truth = item["ground_truth"]
+    if task in ("gsm8k", "math500"):
+        return {"answer": ground_truth}
+    if task == "countdown":
+        if isinstance(ground_truth, list) and len(ground_truth) == 2:
+            numbers, target = ground_truth
+        else:
+            # d1's fallback: read "Numbers: [a, b, c]" and "Target: t" from the question.
+            question = item.get("question", "")
+            numbers_match = re.search(r"Numbers: \[([\d, ]+)\]", question, re.IGNORECASE)
+            target_match = re.search(r"Target: (\d+)", question, re.IGNORECASE)
+            numbers = [int(n) for n in numbers_match.group(1).split(",")] if numbers_match else []
+            target = int(target_match.group(1)) if target_match else None
+        return {"numbers": numbers, "target": target}
+    return {"puzzle": puzzle_of_question(task, item["question"]), "solution": ground_truth}
+
+
+def score_file(path, task):
+    """(correct, total, number of generations) of one generations file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    items = data.get("generations") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON object with a 'generations' list")
+    correct = total = 0
+    for index, item in enumerate(items):
+        try:
+            columns = reward_columns(task, item)
+            text = item["generations"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: generation {index}: {err!r}") from None
+        c, t = rewards.score(task, text, **columns)
+        correct, total = correct + c, total + t
+    return correct, total, len(items)
+
+
+def rescore(paths):
+    """One row per setup: {"setup", "task", "accuracy" (%), "correct", "total", "count", "files"}."""
+    setups = {}
+    for path in generation_files(paths):
+        match = GENERATIONS_FILE.match(os.path.basename(path))
+        if match is None:
+            raise ValueError(f"{path}: a generations file is named <setup>_<rank>_generations.json")
+        setups.setdefault(match.group("setup"), []).append(path)
+    rows = []
+    for setup, files in sorted(setups.items()):
+        task = task_of_setup(setup)
+        correct = total = count = 0
+        for path in files:
+            c, t, n = score_file(path, task)
+            correct, total, count = correct + c, total + t, count + n
+        rows.append({"setup": setup, "task": task, "accuracy": 100.0 * correct / total if total else 0.0,
+                     "correct": correct, "total": total, "count": count, "files": len(files)})
+    return rows
+
+
+def format_table(rows):
+    """The rows as a text table (accuracy to 2 decimals, as d1 prints it)."""
+    header = f"{'setup':<44} {'accuracy':>9} {'correct/total':>15} {'count':>6} {'files':>5}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        fraction = f"{row['correct']}/{row['total']}"
+        lines.append(f"{row['setup']:<44} {row['accuracy']:>8.2f}% {fraction:>15} "
+                     f"{row['count']:>6} {row['files']:>5}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generating and scoring (also called by sft.py and grpo.py for their held-out accuracy)
+
+# d1's evaluation settings (gen_length 128/256/512, block_length 32, steps = gen_length / 2, greedy).
+# The tiny task's answer is 19 characters + EOS: one block of 20.
+EVAL_DEFAULTS = {
+    "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
+    "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
+}
+SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
+RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth")
+
+
+def record_columns(example):
+    """The columns a reward function or rewards.score reads from a record (d1's names)."""
+    return {k: v for k, v in example.items() if k not in RECORD_KEYS}
+
+
+def left_pad(prompts, pad_id, device):
+    """(B, Lp) left-padded ids and the (B, Lp) 0/1 mask of real tokens (None when nothing is padded).
+    RoPE depends only on relative positions, so with the padded keys masked a prompt's completion does
+    not depend on the other prompts of its batch (d1 pads without a mask)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
+    if all(len(p) == length for p in prompts):
+        return ids, None
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
+                      device="cpu", progress=True):
+    """Greedy completions of `examples`, sharded over ranks (every world_size-th example), gathered and
+    scored with rewards.score. Every rank returns the same dict: accuracy (fraction), correct, total,
+    count, completions (in example order), effective_tokens (mean tokens before the first stop token),
+    tokens_per_s, wall_s, and for Sudoku valid_rate (complete valid grids that keep the given cells)."""
+    rank, world = ddp.rank(), ddp.world_size()
+    mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
+    mine = list(range(len(examples)))[rank::world]
+    prompts = {i: M.encode_prompt(tokenizer, examples[i]["prompt"], examples[i]["prefill"]) for i in mine}
+    mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    completions, lengths = {}, {}
+    t0 = time.time()
+    for b in tqdm(range(0, len(mine), batch_size), desc=f"eval {task}", disable=not progress or rank != 0,
+                  dynamic_ncols=True):
+        batch = mine[b:b + batch_size]
+        prompt_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.eos_token_id, device)
+        try:
+            with ddp.autocast(device):
+                out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
+                               attention_mask=attention_mask)
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(f"a batch of {len(batch)} prompts x {prompt_ids.shape[1] + gen_length} tokens does "
+                             "not fit in GPU memory: lower --batch-size") from None
+        for i, row in zip(batch, out[:, prompt_ids.shape[1]:].tolist()):
+            stop = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+            completions[i] = tokenizer.decode(row[:stop])
+            lengths[i] = stop
+    wall = time.time() - t0
+    gathered = ddp.gather_objects((completions, lengths, wall))
+    completions = {i: c for part, _, _ in gathered for i, c in part.items()}
+    lengths = {i: n for _, part, _ in gathered for i, n in part.items()}
+    completions = [completions[i] for i in range(len(examples))]
+    wall = max(w for _, _, w in gathered)
+    correct = total = valid = 0
+    for example, text in zip(examples, completions):
+        c, t = rewards.score(task, text, **record_columns(example))
+        correct, total = correct + c, total + t
+        if "puzzle" in example:
+            valid += rewards.sudoku_valid(text, example["puzzle"])
+    result = {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
+              "count": len(examples), "completions": completions,
+              "effective_tokens": sum(lengths.values()) / max(len(lengths), 1),
+              "tokens_per_s": len(examples) * gen_length / max(wall, 1e-9), "wall_s": wall}
+    if examples and "puzzle" in examples[0]:
+        result["valid_rate"] = valid / len(examples)
+    return result
+
+
+def test_examples(task, data_dir, limit=None):
+    """d1's test set of a task in d1's evaluation style; countdown and sudoku subsampled to 256 with a
+    fixed seed, as d1 evaluates them."""
+    import data
+
+    examples = data.load_examples(task, "test", data_dir=data_dir, style="eval")
+    if task in SUBSAMPLED_TASKS and len(examples) > SUBSAMPLE_SIZE:
+        keep = sorted(random.Random(SUBSAMPLE_SEED).sample(range(len(examples)), SUBSAMPLE_SIZE))
+        examples = [examples[i] for i in keep]
+    return examples[:limit] if limit is not None else examples
+
+
+def write_generations(path, examples, result, tokenizer, settings):
+    """One file in d1's generations JSON format, plus the settings, metrics and wall time."""
+    items = [{"question": ex["question"],
+              "prompt_input": tokenizer.decode(M.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])),
+              "generations": text, "ground_truth": ex["ground_truth"]}
+             for ex, text in zip(examples, result["completions"])]
+    metrics = {k: v for k, v in result.items() if k != "completions"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"generations": items, "metrics": metrics, **settings}, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import data
+
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
+    parser.add_argument("--model", help="checkpoint folder: ours, a LoRA adapter folder, or LLaDA's published layout")
+    parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS[:-1], help="test set to evaluate on")
+    parser.add_argument("--data-dir", default="data/files", help="where downloaded test sets live")
+    parser.add_argument("--gen-length", type=int, default=None, help="tokens generated (d1: 128, 256, 512)")
+    parser.add_argument("--steps", type=int, default=None, help="diffusion steps (default gen_length / 2; tiny: 20)")
+    parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (d1: 32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per sampler call on one rank")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--output-dir", default="out/eval", help="where the generations file is written")
+    parser.add_argument("--rescore", nargs="+", metavar="PATH",
+                        help="score generation files (or folders of *_generations.json) instead of generating")
+    args = parser.parse_args()
+    if args.rescore:
+        print(format_table(rescore(args.rescore)))
+        raise SystemExit(0)
+    if not args.model:
+        parser.error("--model is required (or --rescore)")
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model!r} is not a folder (a checkpoint or adapter folder)")
+
+    rank, world_size, device = ddp.init()
+    defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+    gen_length = args.gen_length or defaults["gen_length"]
+    settings = {"gen_length": gen_length,
+                "steps": args.steps or (gen_length // 2 if args.gen_length else defaults["steps"]),
+                "block_length": args.block_length or min(defaults["block_length"], gen_length),
+                "batch_size": args.batch_size or defaults["batch_size"]}
+    examples = test_examples(args.task, args.data_dir, args.limit)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = M.load_tokenizer(args.model)
+    model = M.load_model(args.model, device, dtype).eval()
+    ddp.print0(f"evaluating {args.model} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
+    result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
+    if rank == 0:
+        tag = re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.basename(os.path.normpath(args.model)))
+        path = os.path.join(args.output_dir,
+                            f"{args.task}_{tag}_{gen_length}_{settings['steps']}_0_generations.json")
+        write_generations(path, examples, result, tokenizer,
+                          {"model_path": args.model, "task": args.task, "world_size": world_size, **settings})
+        print(format_table(rescore([path])))
+        line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated tok/s | "
+                f"wall {result['wall_s']:.1f}s")
+        if "valid_rate" in result:
+            line += f" | valid complete solutions {100 * result['valid_rate']:.2f}%"
+        print(line)
+        print(f"wrote {path}")
+    ddp.cleanup()

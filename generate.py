@@ -1,0 +1,184 @@
+"""
+The sampler: reverse diffusion with low-confidence remasking, decoded in semi-autoregressive blocks
+(LLaDA, Nie et al. 2025, Sec. 2.4 and Appendix B). GRPO's rollouts, evaluation and this CLI all call
+the one `generate()` below.
+
+    x = prompt ++ [MASK] * gen_length
+    for each block of block_length tokens, left to right:       (gen_length / block_length blocks)
+        for each of steps / num_blocks steps:
+            logits = model(x)                                    (one forward pass)
+            x0 = argmax(logits + temperature * Gumbel)           (a sample; temperature 0 = greedy)
+            confidence = softmax(logits)[x0]  or  uniform random ("random" remasking)
+            commit the k most confident masked positions of the block to x0, where the block's masked
+            count is split evenly over its steps, the remainder going to the earliest steps.
+
+Classifier-free guidance (cfg_scale > 0): a second pass with the prompt masked,
+logits = uncond + (cfg_scale + 1) * (cond - uncond).
+
+Usage:
+    python generate.py --model out/sft --prompt "1024\\n0300\\n0012\\n4000"
+    python generate.py --bench          # sampler vs bare forward passes, tiny and ~60M models
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def num_transfer_tokens(block_masked, steps):
+    """How many tokens each step commits: the masked count of each row of the block split evenly over
+    the steps, the remainder going to the earliest ones. block_masked (B, block_length) -> (B, steps)."""
+    n = block_masked.sum(dim=1, keepdim=True)  # (B, 1)
+    step = torch.arange(steps, device=n.device)[None, :]  # (1, steps)
+    return n // steps + (step < n % steps).long()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
+             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None):
+    """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
+
+    Rows of the batch are independent. Gumbel noise is drawn in float64 (as d1 does in its rollouts) from
+    `generator` when given. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
+    (None: every position attends everywhere, as LLaDA and d1 do)."""
+    if gen_length % block_length != 0:
+        raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(f"steps {steps} must be a multiple of the number of blocks "
+                         f"({gen_length} / {block_length} = {num_blocks})")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    steps_per_block = steps // num_blocks
+    B, Lp = prompt_ids.shape
+    device = prompt_ids.device
+    x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :Lp] = prompt_ids
+    prompt_index = torch.zeros_like(x, dtype=torch.bool)
+    prompt_index[:, :Lp] = True
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.to(device), torch.ones(B, gen_length, dtype=attention_mask.dtype,
+                                                                          device=device)], dim=1)
+    if cfg_scale > 0:  # one batched pass for the conditional and the unconditional (prompt masked) rows
+        attention_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+
+    for block in range(num_blocks):
+        start, end = Lp + block * block_length, Lp + (block + 1) * block_length
+        transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
+        for i in range(steps_per_block):
+            if cfg_scale > 0:
+                uncond = torch.where(prompt_index, torch.full_like(x, mask_id), x)
+                cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask).chunk(2)
+                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+            else:
+                logits = model(x, attention_mask)
+            # only the current block can be committed: everything below works on it alone
+            logits = logits[:, start:end].double()  # (B, block_length, V)
+            if temperature > 0:
+                u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
+                gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+                x0 = (logits + temperature * gumbel).argmax(dim=-1)
+            else:
+                x0 = logits.argmax(dim=-1)  # (B, block_length)
+            if remasking == "low_confidence":
+                confidence = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                confidence = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
+            still_masked = x[:, start:end] == mask_id
+            confidence = torch.where(still_masked, confidence, -torch.inf)
+            # commit the k_b most confident positions of each row b, with no loop over rows:
+            # take the top max(k) and keep the first k_b of them
+            k = transfers[:, i]  # (B,)
+            kmax = int(k.max())
+            if kmax == 0:
+                continue
+            top = confidence.topk(kmax, dim=-1).indices  # (B, kmax)
+            keep = torch.arange(kmax, device=device)[None, :] < k[:, None]
+            commit = torch.zeros_like(still_masked)
+            commit.scatter_(1, top, keep)
+            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+    return x
+
+
+def completion_text(tokenizer, completion_ids, stop_ids):
+    """Decode a completion cut before its first stop token (EOS / end-of-turn)."""
+    ids = completion_ids.tolist()
+    for j, t in enumerate(ids):
+        if t in stop_ids:
+            ids = ids[:j]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------
+# The benchmark: how much of the sampler's time is the model's forward passes?
+
+
+def bench(args):
+    import model as M
+
+    def time_it(fn, repeats):
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    torch.set_grad_enabled(False)
+    settings = [  # (preset, batch, prompt length, gen_length, block_length, steps)
+        ("tiny", 16, 24, 32, 16, 16),
+        ("bench-60m", 2, 32, 64, 32, 32),
+    ]
+    tokenizer = M.build_tiny_tokenizer()
+    print(f"{'model':>10} {'params':>8} {'B':>3} {'Lp':>4} {'gen':>4} {'steps':>5} | {'sampler s':>9} "
+          f"{'forwards s':>10} {'sampler/fwd':>11} | {'tok/s':>8}")
+    for preset, B, Lp, gen_length, block_length, steps in settings:
+        model = M.build_model(preset, tokenizer if preset == "tiny" else None).eval()
+        mask_id = model.cfg.mask_token_id
+        prompt = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp), generator=torch.Generator().manual_seed(0))
+        full = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp + gen_length))
+        repeats = 1 if preset != "tiny" else 3
+        t_sampler = time_it(lambda: generate(model, prompt, steps, gen_length, block_length, 0.9,
+                                             mask_id=mask_id, generator=torch.Generator().manual_seed(0)), repeats)
+        t_forward = time_it(lambda: [model(full) for _ in range(steps)], repeats)
+        print(f"{preset:>10} {M.num_parameters(model) / 1e6:>7.1f}M {B:>3} {Lp:>4} {gen_length:>4} {steps:>5} | "
+              f"{t_sampler:>9.3f} {t_forward:>10.3f} {t_sampler / t_forward:>11.2f} | {B * gen_length / t_sampler:>8.1f}")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Sample from a dLLM checkpoint, or benchmark the sampler.")
+    parser.add_argument("--model", help="checkpoint folder (LLaDA's layout or a LoRA adapter folder)")
+    parser.add_argument("--prompt", help="the user message; the chat template is applied")
+    parser.add_argument("--prefill", default="", help="text appended after the assistant header (d1 eval: <reasoning>)")
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
+    parser.add_argument("--block-length", type=int, default=32, help="tokens per semi-autoregressive block")
+    parser.add_argument("--steps", type=int, default=64, help="diffusion steps in total (split over blocks)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel noise scale; 0 = greedy")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
+    parser.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
+                        help="which masked positions to commit first")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--bench", action="store_true", help="time the sampler against its bare forward passes")
+    args = parser.parse_args()
+    if args.bench:
+        bench(args)
+        raise SystemExit(0)
+    if not args.model or args.prompt is None:
+        parser.error("--model and --prompt are required (or --bench)")
+    import model as M
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = M.load_model(args.model, args.device, dtype).eval()
+    tokenizer = M.load_tokenizer(args.model)
+    prompt = M.encode_prompt(tokenizer, [{"role": "user", "content": args.prompt.replace("\\n", "\n")}], args.prefill)
+    prompt_ids = torch.tensor([prompt], device=args.device)
+    out = generate(model, prompt_ids, args.steps, args.gen_length, args.block_length, args.temperature,
+                   args.cfg_scale, args.remasking, model.cfg.mask_token_id,
+                   generator=torch.Generator(args.device).manual_seed(args.seed))
+    print(completion_text(tokenizer, out[0, prompt_ids.shape[1]:], M.stop_token_ids(tokenizer)))

@@ -1,0 +1,433 @@
+"""
+Stage 2 of d1: diffu-GRPO (Zhao, Gupta, Zheng, Grover 2025, "d1: Scaling Reasoning in Diffusion Large
+Language Models via Reinforcement Learning", Sec. 3.2 and Algorithm 1).
+
+Each step, top to bottom:
+  1. rollouts: for each prompt q of the step, G completions o_1..o_G from the sampler (generate.py);
+     completion_mask keeps the tokens up to and including the first EOS;
+  2. rewards r_i: the task's weighted reward functions (rewards.py);
+  3. advantages A_i = r_i - mean(r_1..r_G) over the group (d1 does not divide by the std; optional);
+  4. the one-pass log-prob estimate, d1's heart: mask every completion token and each prompt token with
+     probability p_mask_prompt, run ONE forward pass, read log pi(o_k | q) = -CE(logits_k, o_k) at every
+     completion position. Iteration k of the mu inner iterations uses its own prompt mask, drawn from its
+     own seed, and the old, reference and current policies all see that same mask;
+  5. before the inner loop, without grad: old log-probs for each of the mu masks (mu > 1) and reference
+     log-probs (beta > 0; with LoRA the reference is the base model with the adapters switched off);
+  6. mu inner iterations, iteration k on mask k: ratio = exp(logp - old_logp_k) per token,
+        loss_tok = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta KL_k,
+        KL_k = exp(ref - logp) - (ref - logp) - 1,
+     loss = sum(loss_tok * mask) / sum(mask); one optimiser step per iteration.
+
+Where this script departs from d1's released code (each a bug there):
+  - masks come from a torch.Generator per iteration, never from reseeding the global RNGs (which in d1
+    makes the next rollouts a function of the last mask seed);
+  - each precomputed mask is used exactly once per rollout batch (d1's counter skips half of them under
+    gradient accumulation);
+  - mu = 1 with beta > 0 works (it crashes in d1); beta = 0 skips the reference pass;
+  - --sync-ref-every really mixes the policy into the reference (silently a no-op in d1 with LoRA);
+  - log-probs that enter a ratio are computed with dropout off, so the first ratio is exactly 1.
+
+    python grpo.py                                     # the tiny default, after `python sft.py`
+    torchrun --standalone --nproc_per_node=2 grpo.py   # the same over 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=8 grpo.py --model checkpoints/LLaDA-8B-Instruct --task gsm8k \\
+        --lora-r 128 --lora-alpha 64 --prompts-per-step 16 --num-generations 6 --gradient-accumulation-steps 2 \\
+        --max-completion-length 256 --block-length 32 --diffusion-steps 128 --temperature 0.9 \\
+        --num-iterations 12 --beta 0.04 --epsilon 0.5 --lr 3e-6 --max-grad-norm 0.2 --sync-ref-every 64 \\
+        --max-steps 5000 --out-dir out/grpo-gsm8k
+"""
+
+import argparse
+import copy
+import contextlib
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import ddp
+import model as M
+import rewards
+from evaluate import EVAL_DEFAULTS, evaluate_examples, record_columns, test_examples
+from generate import completion_text, generate
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description="diffu-GRPO: RL for a diffusion LM (stage 2 of d1).")
+# Model and data
+parser.add_argument("--model", default="out/sft", help="the starting checkpoint: a folder in LLaDA's layout "
+                    "(e.g. sft.py's --out-dir) or a LoRA adapter folder (its training continues)")
+parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS, help="prompts and rewards")
+parser.add_argument("--split", default=None, help="prompt split (default: 'rl' for tiny_sudoku, else 'train')")
+parser.add_argument("--data-dir", default="data/files", help="where downloaded datasets live")
+parser.add_argument("--lora-r", type=int, default=0, help="add LoRA adapters of this rank; 0 trains every weight")
+parser.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha (d1: 64 with r 128)")
+parser.add_argument("--lora-targets", default=",".join(M.LORA_TARGETS), help="comma-separated module names")
+# Rollouts (d1: temperature 0.9, 256 tokens, blocks of 32, 128 steps)
+parser.add_argument("--prompts-per-step", type=int, default=8, help="global number of prompts per step")
+parser.add_argument("--num-generations", type=int, default=8, help="G: completions per prompt (one group)")
+parser.add_argument("--generation-batch-size", type=int, default=None,
+                    help="completions per sampler call on one rank (default: all of the rank's rollouts)")
+parser.add_argument("--max-completion-length", type=int, default=None, help="gen_length (task default)")
+parser.add_argument("--block-length", type=int, default=None, help="sampler block length (task default)")
+parser.add_argument("--diffusion-steps", type=int, default=None, help="sampler steps (task default)")
+parser.add_argument("--temperature", type=float, default=0.9, help="rollout temperature (Gumbel noise scale)")
+# diffu-GRPO
+parser.add_argument("--num-iterations", type=int, default=4, help="mu: inner updates per rollout batch (d1: 12)")
+parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference")
+parser.add_argument("--epsilon", type=float, default=0.5, help="clip range of the ratio")
+parser.add_argument("--epsilon-high", type=float, default=None, help="upper clip (default: --epsilon)")
+parser.add_argument("--p-mask-prompt", type=float, default=0.15, help="prompt masking rate of the estimator")
+parser.add_argument("--random-masking", action=argparse.BooleanOptionalAction, default=True,
+                    help="a fresh mask seed per step and iteration (else one fixed seed, as d1's option)")
+parser.add_argument("--scale-rewards", default="none", choices=["none", "group"],
+                    help="divide advantages by the group's std (+1e-4); d1 does not")
+parser.add_argument("--sync-ref-every", type=int, default=0, help="mix the policy into the reference every N steps")
+parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alpha policy + (1 - alpha) ref")
+# Optimisation (d1: lr 3e-6, betas (0.9, 0.99), weight decay 0.1, max grad norm 0.2)
+parser.add_argument("--max-steps", type=int, default=200, help="rollout batches")
+parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
+parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warm-up")
+parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
+parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
+parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+# Evaluation, logging, checkpoints
+parser.add_argument("--eval-every", type=int, default=25, help="held-out greedy accuracy every N steps; 0 = end only")
+parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
+parser.add_argument("--out-dir", default="out/grpo", help="final model, checkpoints and metrics.jsonl")
+parser.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+parser.add_argument("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Distributed init and the batch arithmetic
+
+rank, world_size, device = ddp.init()
+ddp.seed_everything(args.seed)
+if args.prompts_per_step % world_size != 0:
+    raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world_size}: "
+                     "each rank owns whole groups")
+prompts_per_rank = args.prompts_per_step // world_size
+rollouts_per_rank = prompts_per_rank * args.num_generations
+if rollouts_per_rank % args.gradient_accumulation_steps != 0:
+    raise SystemExit(f"the {rollouts_per_rank} rollouts of a rank must split into --gradient-accumulation-steps "
+                     f"{args.gradient_accumulation_steps} micro-batches")
+micro = rollouts_per_rank // args.gradient_accumulation_steps
+generation_batch = args.generation_batch_size or rollouts_per_rank
+defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+gen_length = args.max_completion_length or defaults["gen_length"]
+block_length = args.block_length or min(defaults["block_length"], gen_length)
+diffusion_steps = args.diffusion_steps or defaults["steps"]
+epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+ddp.print0(f"args: {json.dumps(vars(args))}")
+ddp.print0(f"world {world_size} | {args.prompts_per_step} prompts x G={args.num_generations} per step = "
+           f"{prompts_per_rank} prompts ({rollouts_per_rank} rollouts) per rank | micro-batch {micro} x "
+           f"{args.gradient_accumulation_steps} accumulation | mu {args.num_iterations} optimiser steps per rollout batch")
+
+# -----------------------------------------------------------------------------
+# Model, reference and tokenizer
+
+if not os.path.isdir(args.model):
+    raise SystemExit(f"--model {args.model!r} is not a folder. The tiny default starts from the SFT checkpoint: "
+                     "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
+tokenizer = M.load_tokenizer(args.model)
+model = M.load_model(args.model)
+if M.is_adapter(args.model):
+    base_model = M.adapter_base(args.model)  # continue training the given adapter
+elif args.lora_r > 0:
+    base_model = args.model
+    M.add_lora(model, args.lora_r, args.lora_alpha, 0.0, tuple(args.lora_targets.split(",")), args.seed)
+else:
+    base_model = args.model
+lora = bool(M.lora_modules(model))
+if lora:  # only the adapters train
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+model.to(device)
+model.gradient_checkpointing = args.grad_checkpointing
+# the reference policy: LoRA -> the base (adapters off), or a frozen copy of the adapters once synced;
+# full fine-tuning -> a frozen copy of the starting model
+ref_model, ref_adapter = None, None
+if args.beta > 0 and not lora:
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+mask_id = M.mask_token_id(tokenizer)
+stop_ids = M.stop_token_ids(tokenizer)
+trainable = [p for p in model.parameters() if p.requires_grad]
+ddp.print0(f"model: {args.model} ({M.num_parameters(model) / 1e6:.2f}M parameters, "
+           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained, {'LoRA' if lora else 'full'})")
+
+# -----------------------------------------------------------------------------
+# Data: prompts for rollouts, and held-out prompts for greedy evaluation
+
+split = args.split or ("rl" if args.task == "tiny_sudoku" else "train")
+prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
+eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+reward_functions = rewards.reward_functions(args.task)
+ddp.print0(f"data: {len(prompts)} prompts from {args.task}/{split}, {len(eval_examples)} held-out; rewards: "
+           + ", ".join(f"{fn.__name__} x{w}" for fn, w in reward_functions))
+
+
+def step_prompts(step):
+    """This rank's prompts at `step`: the step's slice of a per-epoch permutation, whole groups per rank."""
+    start = step * args.prompts_per_step
+    indices = []
+    while len(indices) < args.prompts_per_step:
+        epoch, offset = divmod(start + len(indices), len(prompts))
+        order = torch.randperm(len(prompts), generator=ddp.generator(args.seed, epoch))
+        indices += order[offset: offset + args.prompts_per_step - len(indices)].tolist()
+    return ddp.shard(indices, rank, world_size)
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and resume
+
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
+start_step = 0
+checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
+if args.resume and checkpoint is None:
+    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
+if checkpoint:
+    state = M.load_trainer_state(checkpoint)
+    M.load_checkpoint_weights(checkpoint, model)
+    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
+    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
+    ref_adapter = state["trainer_state"].get("ref_adapter")
+    if state["trainer_state"].get("ref_model") is not None:
+        ref_model.load_state_dict(state["trainer_state"]["ref_model"])
+    start_step = state["step"]
+    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+ddp.broadcast_parameters(model)
+metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+
+def save(step):
+    rng = ddp.gather_objects(ddp.rng_state())
+    if rank == 0:
+        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_adapter": ref_adapter,
+                         "ref_model": ref_model.state_dict() if ref_model is not None and args.sync_ref_every else None}
+        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args))
+        print(f"saved {path}", flush=True)
+    ddp.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Rollouts
+
+
+def left_pad(rows, pad_id):
+    """(N, Lp) left-padded prompts and their (N, Lp) 0/1 mask (None when all have the same length)."""
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
+    if all(len(r) == length for r in rows):
+        return ids, None
+    return ids, torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
+
+
+@torch.no_grad()
+def rollout(step, prompt_indices):
+    """G completions of each prompt. Returns the (N, Lp + gen_length) sequences, the prompt attention
+    mask (or None), the completion mask (N, gen_length) up to and including the first stop token, and
+    the completion texts; N = len(prompt_indices) * G, each group contiguous."""
+    rows = [M.encode_prompt(tokenizer, prompts[i]["prompt"], prompts[i]["prefill"])
+            for i in prompt_indices for _ in range(args.num_generations)]
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.eos_token_id)
+    model.eval()
+    outputs = []
+    for b in range(0, len(rows), generation_batch):
+        with ddp.autocast(device):
+            outputs.append(generate(
+                model, prompt_ids[b:b + generation_batch], diffusion_steps, gen_length, block_length,
+                args.temperature, mask_id=mask_id,
+                attention_mask=None if prompt_mask is None else prompt_mask[b:b + generation_batch],
+                generator=ddp.generator(args.seed, step, rank, b, device=device)))
+    sequences = torch.cat(outputs)
+    completion_ids = sequences[:, prompt_ids.shape[1]:]
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=device))
+    # keep tokens up to and including the first stop token: positions where no stop came strictly before
+    completion_mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0
+    texts = [completion_text(tokenizer, row, stop_ids) for row in completion_ids]
+    return sequences, prompt_mask, completion_mask, texts
+
+
+# -----------------------------------------------------------------------------
+# The one-pass log-prob estimator
+
+
+def perturb(sequences, prompt_length, generator):
+    """d1's estimator input: every completion token masked, each prompt token masked with probability
+    p_mask_prompt. The random matrix is drawn once for the whole rollout batch, so any chunking of the
+    batch sees the same mask."""
+    u = torch.rand(sequences.shape, generator=generator).to(sequences.device)
+    is_prompt = torch.arange(sequences.shape[1], device=sequences.device)[None, :] < prompt_length
+    masked = ~is_prompt | (u < args.p_mask_prompt)
+    return torch.where(masked, torch.full_like(sequences, mask_id), sequences)
+
+
+def completion_logprobs(policy, perturbed, sequences, attention_mask, prompt_length):
+    """log pi(o_k | q) at every completion position (N, gen_length), from one forward pass."""
+    with ddp.autocast(device):
+        logits = policy(perturbed, attention_mask)[:, prompt_length:]  # (N, gen_length, V)
+    return M.token_logprobs(logits, sequences[:, prompt_length:])
+
+
+@contextlib.contextmanager
+def reference_policy():
+    """The model as the reference policy: the frozen copy (full fine-tuning), the base with adapters off
+    (LoRA), or the base with the reference adapters swapped in (LoRA after a --sync-ref-every mix)."""
+    if ref_model is not None:
+        yield ref_model
+    elif ref_adapter is None:
+        with M.adapters_disabled(model):
+            yield model
+    else:
+        current = {k: v.detach().clone() for k, v in M.adapter_state(model).items()}
+        M.set_adapter_state(model, ref_adapter)
+        try:
+            yield model
+        finally:
+            M.set_adapter_state(model, current)
+
+
+def sync_reference():
+    """ref = alpha * policy + (1 - alpha) * ref (TRL's mix-up, as d1 configures it)."""
+    global ref_adapter
+    alpha = args.ref_mix_alpha
+    with torch.no_grad():
+        if ref_model is not None:
+            for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+                p_ref.mul_(1 - alpha).add_(p.detach(), alpha=alpha)
+        elif lora:
+            policy = M.adapter_state(model)
+            if ref_adapter is None:  # the base model's adapters are zero
+                ref_adapter = {k: torch.zeros_like(v) for k, v in policy.items()}
+            ref_adapter = {k: (1 - alpha) * ref_adapter[k] + alpha * v.detach() for k, v in policy.items()}
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+bar = tqdm(total=args.max_steps, initial=start_step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
+optimizer_step = start_step * args.num_iterations
+for step in range(start_step, args.max_steps):
+    last_step = step == args.max_steps - 1
+    t0 = time.time()
+
+    # 1. rollouts
+    prompt_indices = step_prompts(step)
+    sequences, prompt_mask, completion_mask, texts = rollout(step, prompt_indices)
+    N, prompt_length = sequences.shape[0], sequences.shape[1] - gen_length
+    attention_mask = None if prompt_mask is None else torch.cat(
+        [prompt_mask, torch.ones(N, gen_length, dtype=prompt_mask.dtype, device=device)], dim=1)
+    t_rollout = time.time() - t0
+
+    # 2. rewards: the weighted sum of the task's functions, each called with d1's column names
+    columns = {key: [prompts[i][key] for i in prompt_indices for _ in range(args.num_generations)]
+               for key in record_columns(prompts[0])}
+    per_function = {fn.__name__: torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, _ in reward_functions}
+    reward = sum(w * per_function[fn.__name__] for fn, w in reward_functions)  # (N,)
+
+    # 3. advantages within each group of G
+    grouped = reward.view(-1, args.num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if args.scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    advantages = advantages.reshape(-1, 1).to(device)  # (N, 1), broadcast over tokens
+
+    # 4-5. one prompt mask per inner iteration; old and reference log-probs for all of them, no grad
+    t1 = time.time()
+    mask_seeds = [ddp.derive_seed(args.seed, step, k) if args.random_masking else ddp.derive_seed(args.seed)
+                  for k in range(args.num_iterations)]
+    perturbed = [perturb(sequences, prompt_length, torch.Generator().manual_seed(s)) for s in mask_seeds]
+    micro_batches = [slice(j, j + micro) for j in range(0, N, micro)]
+
+    def logprobs_no_grad(policy, k):
+        with torch.no_grad():
+            return torch.cat([completion_logprobs(policy, perturbed[k][mb], sequences[mb],
+                                                  None if attention_mask is None else attention_mask[mb],
+                                                  prompt_length) for mb in micro_batches])
+
+    model.eval()  # dropout off for every log-prob that enters a ratio
+    old_logps = [logprobs_no_grad(model, k) for k in range(args.num_iterations)] if args.num_iterations > 1 else None
+    ref_logps = None
+    if args.beta > 0:
+        with reference_policy() as ref:
+            ref_logps = [logprobs_no_grad(ref, k) for k in range(args.num_iterations)]
+
+    # 6. mu inner iterations, iteration k on mask k, one optimiser step each
+    stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+    for k in range(args.num_iterations):
+        lr = ddp.learning_rate(optimizer_step, args.lr, args.warmup_steps,
+                               args.max_steps * args.num_iterations, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for mb in micro_batches:
+            logp = completion_logprobs(model, perturbed[k][mb], sequences[mb],
+                                       None if attention_mask is None else attention_mask[mb], prompt_length)
+            old = old_logps[k][mb] if old_logps is not None else logp.detach()  # mu = 1: ratio 1
+            mask = completion_mask[mb].float()
+            ratio = torch.exp(logp - old)
+            clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + epsilon_high)
+            loss_tok = -torch.min(ratio * advantages[mb], clipped * advantages[mb])
+            if args.beta > 0:
+                delta = ref_logps[k][mb] - logp
+                kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(pi || ref)
+                loss_tok = loss_tok + args.beta * kl
+                stats["kl"] += ((kl * mask).sum() / mask.sum()).item() / len(micro_batches) / args.num_iterations
+            loss = (loss_tok * mask).sum() / mask.sum()
+            (loss / len(micro_batches)).backward()
+            was_clipped = ((ratio < 1 - args.epsilon) & (advantages[mb] < 0)) | ((ratio > 1 + epsilon_high) & (advantages[mb] > 0))
+            stats["clip_ratio"] += ((was_clipped.float() * mask).sum() / mask.sum()).item() / len(micro_batches) / args.num_iterations
+            stats["loss"] += loss.item() / len(micro_batches) / args.num_iterations
+        ddp.all_reduce_gradients(trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        stats["grad_norm"] += float(grad_norm) / args.num_iterations
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        optimizer_step += 1
+    if args.sync_ref_every > 0 and (step + 1) % args.sync_ref_every == 0:
+        sync_reference()
+    t_update = time.time() - t1
+
+    # metrics, all-reduced over ranks
+    group_std = grouped.std(dim=1)
+    local = {"reward": reward.mean().item(), "reward_std": group_std.mean().item(),
+             "zero_std_ratio": (group_std < 1e-6).float().mean().item(),
+             "completion_length": completion_mask.sum(dim=1).float().mean().item(),
+             **{f"rewards/{name}": v.mean().item() for name, v in per_function.items()}, **stats}
+    metrics = ddp.all_reduce_mean(local)
+    dt = time.time() - t0
+    record = {"step": step + 1, **metrics, "lr": lr, "rollout_s": t_rollout, "update_s": t_update,
+              "tok_per_s": args.prompts_per_step * args.num_generations * gen_length / dt}
+    if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last_step:
+        if eval_examples:
+            record["eval_accuracy"] = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device,
+                                                        progress=False, **defaults)["accuracy"]
+    ddp.log_jsonl(metrics_path, record)
+    bar.update(1)
+    if rank == 0:
+        bar.write(f"step {step + 1:05d}/{args.max_steps} | reward {record['reward']:.3f} | loss {record['loss']:+.4f} | "
+                  f"kl {record['kl']:.4f} | clip {record['clip_ratio']:.3f} | lr {lr:.2e} | "
+                  f"rollout {t_rollout:.1f}s update {t_update:.1f}s | tok/s {record['tok_per_s']:.0f}"
+                  + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))
+    if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last_step:
+        save(step + 1)
+bar.close()
+
+# -----------------------------------------------------------------------------
+# Final model (LLaDA's layout, or the adapter folder) and a last resumable checkpoint
+
+save(args.max_steps)
+if rank == 0:
+    if lora:
+        M.save_adapter(model, args.out_dir, base_model, extra_files={"training_args.json": vars(args)})
+    else:
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+    print(f"done: model in {args.out_dir}", flush=True)
+ddp.cleanup()

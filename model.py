@@ -1,0 +1,742 @@
+"""
+The masked diffusion language model (dLLM) and everything about its files.
+
+A LLaDA-compatible bidirectional transformer (Nie et al. 2025, "Large Language Diffusion Models"):
+pre-RMSNorm blocks, RoPE, full (non-causal) attention, SwiGLU MLP, no biases, an untied LM head.
+`logits = model(input_ids)` with shape (B, L, V). The model never sees a causal mask: it is trained to
+predict the tokens hidden behind the mask token `mask_id` anywhere in the sequence.
+
+This file also owns
+- loading and saving checkpoints in LLaDA's published layout (config.json + safetensors shards, the
+  tensor names of LLaDA's own modeling code), streamed one shard at a time;
+- the offline character-level tokenizer of the tiny tasks;
+- LoRA written by hand, with adapters saved in PEFT's format;
+- the masked-diffusion primitives that SFT and diffu-GRPO share: forward masking with the LLaDA SFT
+  loss, and per-token log-probabilities.
+
+It imports none of the other scripts.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# -----------------------------------------------------------------------------
+# Configuration: the fields of LLaDA's config.json that define the network
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int = 126464  # rows of the embedding and LM head (>= vocab_size, padded)
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_sequence_length: int = 4096
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_llada(cls, cfg: dict):
+        """Read LLaDA's config.json (unknown fields are ignored; architecture switches are checked)."""
+        unsupported = {"alibi": False, "weight_tying": False, "include_bias": False, "rope": True,
+                       "block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu",
+                       "include_qkv_bias": False, "attention_layer_norm": False, "input_emb_norm": False,
+                       "scale_logits": False}
+        for key, expected in unsupported.items():
+            if key in cfg and cfg[key] != expected:
+                raise ValueError(f"config.json has {key}={cfg[key]!r}; this model.py supports only "
+                                 f"{key}={expected!r} (LLaDA-8B's architecture)")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in fields and v is not None}
+        if "n_kv_heads" not in kwargs or kwargs.get("n_kv_heads") is None:
+            kwargs["n_kv_heads"] = kwargs.get("n_heads", cls.n_heads)
+        if "embedding_size" not in kwargs:
+            kwargs["embedding_size"] = kwargs.get("vocab_size", cls.vocab_size)
+        return cls(**kwargs)
+
+    def to_llada(self):
+        """A config.json that LLaDA's own modeling code (configuration_llada.LLaDAConfig) loads."""
+        return {
+            "architectures": ["LLaDAModelLM"],
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                         "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+            "model_type": "llada",
+            "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "attention_dropout": 0.0,
+            "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+            "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+            "d_model": self.d_model, "embedding_dropout": 0.0, "embedding_size": self.embedding_size,
+            "eos_token_id": self.eos_token_id, "flash_attention": False, "include_bias": False,
+            "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+            "init_fn": "mitchell", "init_std": self.init_std, "input_emb_norm": False,
+            "layer_norm_type": "rms", "layer_norm_with_affine": True, "mask_token_id": self.mask_token_id,
+            "max_sequence_length": self.max_sequence_length, "mlp_hidden_size": self.mlp_hidden_size,
+            "mlp_ratio": max(1, self.mlp_hidden_size // self.d_model),
+            "multi_query_attention": None, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "n_layers": self.n_layers, "pad_token_id": self.pad_token_id, "precision": "amp_bf16",
+            "residual_dropout": 0.0, "rms_norm_eps": self.rms_norm_eps, "rope": True,
+            "rope_full_precision": True, "rope_theta": self.rope_theta, "scale_logits": False,
+            "use_cache": False, "vocab_size": self.vocab_size, "weight_tying": False,
+        }
+
+
+# Presets. "llada-8b" is LLaDA-8B-Instruct's shape. The tiny ones use the character tokenizer below
+# (their vocabulary and special ids are filled in from it by build_model).
+PRESETS = {
+    "llada-8b": ModelConfig(),
+    # ~200k parameters: learns 4x4 Sudoku on one CPU core in about a minute (NOTES.md)
+    "tiny": ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=176,
+                        max_sequence_length=256),
+    # ~2x wider and deeper, for when the tiny one is too small
+    "small": ModelConfig(d_model=128, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden_size=352,
+                         max_sequence_length=512),
+    # ~60M parameters with a 32k vocabulary: the benchmark's "real-ish" model
+    "bench-60m": ModelConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408,
+                             vocab_size=32000, embedding_size=32000, mask_token_id=31999,
+                             eos_token_id=31998, pad_token_id=31998, max_sequence_length=2048),
+}
+
+# -----------------------------------------------------------------------------
+# The network. Module names follow LLaDA's modeling code so that the checkpoint table below is one
+# prefix: our `blocks.3.q_proj.weight` is LLaDA's `model.transformer.blocks.3.q_proj.weight`.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalised in fp32 whatever the activation dtype, as LLaDA does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(seq_len, head_dim, theta, device):
+    """RoPE tables (seq_len, head_dim) in fp32, rotate-half layout (LLaDA's RotaryEmbedding)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Block(nn.Module):
+    """One LLaDA "llama" block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)  # gate
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)  # down
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, L, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE in full precision (LLaDA's rope_full_precision=True)
+        dtype = q.dtype
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # bidirectional: no causal mask, only the optional key-padding mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)  # LM head, untied
+        self.gradient_checkpointing = False
+        self._rope_cache = {}
+
+    def init_weights(self, seed=0):
+        """Random init: N(0, init_std) everywhere. A small embedding std matters: at N(0, 1) the token
+        signal drowns RoPE's position signal and a tiny model never learns to copy (NOTES.md)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name == "ln_f.weight":
+                nn.init.ones_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
+        return self
+
+    def rope(self, seq_len, device):
+        key = (seq_len, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)}
+        return self._rope_cache[key]
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids (B, L) -> logits (B, L, V). attention_mask (B, L) of 0/1 hides padded keys;
+        without it every position attends to every position, exactly as LLaDA did for d1."""
+        B, L = input_ids.shape
+        cos, sin = self.rope(L, input_ids.device)
+        attn_mask = None
+        if attention_mask is not None:
+            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L) over keys
+        x = self.wte(input_ids)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask)
+        return self.ff_out(self.ln_f(x))[..., : self.cfg.vocab_size]
+
+
+def num_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# The tiny tasks' tokenizer: one token per character, built offline with `tokenizers`.
+# Its chat template is LLaDA's shape in short: <|startoftext|><|user|>{prompt}<|assistant|>{reply}
+
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|user|>", "<|assistant|>",
+                       "<|system|>", "<|eot_id|>", "<|unk|>"]
+TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable ASCII
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{% elif m['role'] == 'user' %}<|user|>"
+    "{% else %}<|assistant|>{% endif %}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Tokenizer files are written in the format transformers 4.x and 5.x both read (a v5 save_pretrained
+# writes a tokenizer_config.json that 4.x rejects), so checkpoints move between the two.
+TOKENIZER_CONFIG_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+
+
+def build_tiny_tokenizer():
+    """A character-level PreTrainedTokenizerFast with LLaDA-style special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    for ch in TINY_CHARS:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # every char a token
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|unk|>", mask_token="<|mdm_mask|>",
+        chat_template=TINY_CHAT_TEMPLATE, model_max_length=4096)
+
+
+def mask_token_id(tokenizer):
+    """The [MASK] id: the tokenizer's mask token, else LLaDA's <|mdm_mask|>."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    return tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
+
+
+def stop_token_ids(tokenizer):
+    """Ids that end a completion: EOS and end-of-turn (LLaDA: <|endoftext|> 126081, <|eot_id|> 126348)."""
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompt(tokenizer, messages, prefill=""):
+    """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's evaluation
+    appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+
+def save_tokenizer(tokenizer, path):
+    tokenizer.backend_tokenizer.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "model_max_length": int(min(tokenizer.model_max_length, 10**9)),
+              "clean_up_tokenization_spaces": False}
+    for key in TOKENIZER_CONFIG_KEYS:
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            config[key] = str(value)
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({k: config[k] for k in TOKENIZER_CONFIG_KEYS if k in config}, f, indent=2)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint folder (LLaDA's published one or ours). Loaded as the fast tokenizer
+    class directly: AutoTokenizer would read config.json's auto_map and ask to run LLaDA's remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    if is_adapter(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
+        path = adapter_base(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a checkpoint folder")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")) and not os.path.exists(
+            os.path.join(path, "tokenizer_config.json")):
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# Building a model: from a preset name or from a checkpoint folder
+
+
+def build_model(preset, tokenizer=None, seed=0, device="cpu", dtype=torch.float32):
+    """A randomly initialised model of a preset shape. Tiny presets take their vocabulary and special
+    ids from the tokenizer."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or pass a checkpoint folder")
+    cfg = dataclasses.replace(PRESETS[preset])
+    if tokenizer is not None and preset != "llada-8b":
+        cfg.vocab_size = cfg.embedding_size = len(tokenizer)
+        cfg.mask_token_id = mask_token_id(tokenizer)
+        cfg.eos_token_id = cfg.pad_token_id = tokenizer.eos_token_id
+    model = LLaDA(cfg).init_weights(seed)
+    return model.to(device=device, dtype=dtype)
+
+
+# LLaDA's tensor names, in one table: ours -> theirs.
+LLADA_PREFIX = "model.transformer."
+
+
+def to_llada_name(name):
+    return LLADA_PREFIX + name
+
+
+def from_llada_name(name):
+    if not name.startswith(LLADA_PREFIX):
+        raise KeyError(f"unknown tensor {name!r}: LLaDA's tensors all start with {LLADA_PREFIX!r}")
+    return name[len(LLADA_PREFIX):]
+
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def is_adapter(path):
+    return os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME))
+
+
+def adapter_base(path):
+    """The base model folder a PEFT adapter folder names."""
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"adapter {path} names base model {base!r}, which is not a folder here; "
+                                "edit base_model_name_or_path in its adapter_config.json")
+    return base
+
+
+def checkpoint_shards(path):
+    """The safetensors files of a checkpoint folder, checked against its index."""
+    index_path = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not os.path.exists(os.path.join(path, shard)):
+                raise FileNotFoundError(f"shard {shard} listed in {index_path} is missing")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """Load a folder in LLaDA's layout (or a PEFT adapter folder on top of its base) into our model.
+
+    Tensors stream one shard at a time, each converted to dtype on device and assigned into a model
+    built on the meta device: host memory never holds a second copy of the weights."""
+    if is_adapter(path):
+        model = load_model(adapter_base(path), device, dtype)
+        load_adapter(model, path)
+        return model
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json in {path!r}: pass a checkpoint folder "
+                                f"(LLaDA's layout) or a preset name ({', '.join(PRESETS)})")
+    with open(config_path) as f:
+        cfg = ModelConfig.from_llada(json.load(f))
+    shards = checkpoint_shards(path)
+    with torch.device("meta"):
+        model = LLaDA(cfg)
+    expected = dict(model.named_parameters())
+    seen = set()
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = from_llada_name(key)
+                if name not in expected:
+                    raise KeyError(f"unknown tensor {key!r} in {shard}")
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"tensor {key!r} in {shard} has shape {tuple(tensor.shape)}, "
+                                     f"the config expects {tuple(expected[name].shape)}")
+                module_name, _, param_name = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype)))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {to_llada_name(missing[0])!r}")
+    return model
+
+
+def merged_state(model):
+    """Our parameters under their own names, LoRA (if any) merged into the base weights."""
+    state = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in ("lora_A", "lora_B"):
+                continue
+            t = p.detach()
+            if isinstance(module, LoRALinear) and pname == "weight":
+                t = t + module.delta_weight().to(t.dtype)
+            state[f"{name}.{pname}" if name else pname] = t
+    return state
+
+
+@contextlib.contextmanager
+def files_into(path):
+    """Write a set of files into folder `path` (created if needed): the caller writes them into a temporary
+    folder, then each is moved into place with an atomic rename, so that no reader ever sees a half-written
+    file."""
+    os.makedirs(path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=path)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=None):
+    """Write a full checkpoint in LLaDA's published layout (LoRA merged in): config.json, safetensors
+    shards under LLaDA's tensor names (+ index when sharded), tokenizer files. `extra_files` maps
+    file names to JSON-able objects written alongside (arguments, step...)."""
+    state = {to_llada_name(k): v.contiguous() for k, v in merged_state(model).items()}
+    with files_into(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.cfg.to_llada(), f, indent=2)
+        shards, current, size = [], {}, 0
+        for key, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = tensor
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file({k: v.cpu() for k, v in shards[0].items()}, os.path.join(tmp, WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        for name, obj in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+    # weight files of an earlier save into the same folder that this one did not rewrite (other shards)
+    keep = {WEIGHTS_NAME} if len(shards) == 1 else set(weight_map.values()) | {INDEX_NAME}
+    for name in os.listdir(path):
+        if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_NAME) and name not in keep:
+            os.remove(os.path.join(path, name))
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), by hand: W x + (alpha / r) * B A dropout(x), A (r, in), B (out, r), B = 0 at start.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank update. It keeps the base `weight` under its own name, so that the
+    base checkpoint table does not change when adapters are added."""
+
+    def add_adapter(self, r, alpha, dropout):
+        self.r, self.scaling = r, alpha / r
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=self.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=self.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
+        self.lora_enabled = True
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.lora_enabled:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return y
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
+    """Turn the target linears inside the blocks into LoRALinear (never the LM head); freeze the rest.
+    Returns the model, whose trainable parameters are now the adapters alone."""
+    bad = set(targets) - set(LORA_TARGETS)
+    if bad:
+        raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
+    torch.manual_seed(seed)  # A's init; B starts at zero so the model is unchanged
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        for name in targets:
+            linear = getattr(block, name)
+            linear.__class__ = LoRALinear
+            linear.add_adapter(r, alpha, dropout)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets)}
+    return model
+
+
+def lora_modules(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model: LoRA switched off inside the block (the reference policy of LoRA GRPO)."""
+    modules = [m for _, m in lora_modules(model)]
+    for m in modules:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.lora_enabled = True
+
+
+def peft_name(module_name, which):
+    # PEFT wraps LLaDAModelLM, whose submodule path is model.transformer.<ours>
+    return f"base_model.model.{to_llada_name(module_name)}.{which}.weight"
+
+
+def adapter_state(model):
+    state = {}
+    for name, m in lora_modules(model):
+        state[peft_name(name, "lora_A")] = m.lora_A.detach().contiguous()
+        state[peft_name(name, "lora_B")] = m.lora_B.detach().contiguous()
+    return state
+
+
+def set_adapter_state(model, state):
+    """Copy adapter tensors (adapter_state's names) into the model's LoRA modules."""
+    with torch.no_grad():
+        for name, m in lora_modules(model):
+            m.lora_A.copy_(state[peft_name(name, "lora_A")])
+            m.lora_B.copy_(state[peft_name(name, "lora_B")])
+
+
+def save_adapter(model, path, base_model_name_or_path, extra_files=None):
+    """Save the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    if not hasattr(model, "lora_config"):
+        raise ValueError("save_adapter: the model has no LoRA adapters (add_lora first)")
+    c = model.lora_config
+    config = {"peft_type": "LORA", "task_type": None, "r": c["r"], "lora_alpha": c["lora_alpha"],
+              "lora_dropout": c["lora_dropout"], "target_modules": c["target_modules"], "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None, "base_model_name_or_path": os.path.abspath(base_model_name_or_path)
+              if os.path.isdir(base_model_name_or_path) else base_model_name_or_path}
+    with files_into(path) as tmp:
+        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file({k: v.cpu() for k, v in adapter_state(model).items()}, os.path.join(tmp, ADAPTER_WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        for name, obj in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+
+
+def load_adapter(model, path):
+    """Add the adapters saved at path (PEFT's format) to model, in place."""
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as f:
+        c = json.load(f)
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {c.get('peft_type')!r}, only LORA adapters are supported")
+    if not lora_modules(model):
+        add_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), tuple(c["target_modules"]))
+    modules = dict(lora_modules(model))
+    weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        raise FileNotFoundError(f"adapter folder {path} has no {ADAPTER_WEIGHTS_NAME}")
+    pattern = re.compile(r"^base_model\.model\.model\.transformer\.(.+)\.(lora_A|lora_B)\.weight$")
+    loaded = set()
+    with safe_open(weights_path, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            match = pattern.match(key)
+            if not match or match.group(1) not in modules:
+                raise KeyError(f"unknown adapter tensor {key!r} in {weights_path}")
+            target = getattr(modules[match.group(1)], match.group(2))
+            tensor = f.get_tensor(key)
+            if tensor.shape != target.shape:
+                raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(key)
+    missing = set(adapter_state(model)) - loaded
+    if missing:
+        raise KeyError(f"adapter {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Masked-diffusion primitives shared by SFT and diffu-GRPO
+
+
+def forward_mask(input_ids, prompt_lengths, mask_id, eps=1e-3, generator=None):
+    """LLaDA's forward process for SFT. Per sequence t ~ U(0, 1), p = (1 - eps) t + eps; each response
+    token is replaced by [MASK] with probability p; prompt tokens never are.
+    Returns (noisy_ids (B, L), masked (B, L) bool, p (B, 1))."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    # noise drawn on the CPU from a seeded generator: the same masks on any device and world size
+    t = torch.rand(B, generator=generator).to(device)
+    p = ((1 - eps) * t + eps)[:, None]  # (B, 1)
+    u = torch.rand(B, L, generator=generator).to(device)
+    is_response = torch.arange(L, device=device)[None, :] >= prompt_lengths[:, None]
+    masked = (u < p) & is_response
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    return noisy, masked, p
+
+
+def sft_loss(logits, input_ids, masked, p, prompt_lengths):
+    """LLaDA's SFT loss (its appendix, eq. for SFT): the cross-entropy of every masked response token,
+    weighted 1/p, summed and divided by the number of response tokens (d1's normalisation).
+    logits (B, L, V), input_ids/masked (B, L), p (B, 1), prompt_lengths (B,)."""
+    L = input_ids.shape[1]
+    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (num_masked,)
+    num_response = (L - prompt_lengths).sum().clamp(min=1)
+    return (ce / p.expand_as(masked)[masked]).sum() / num_response
+
+
+def token_logprobs(logits, targets):
+    """log p(target) at every position: -CE(logits_i, target_i). logits (B, L, V), targets (B, L) -> (B, L).
+    Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy."""
+    rows = max(1, 2**28 // max(1, logits.shape[1] * logits.shape[2]))  # ~1 GiB of fp32 logits at a time
+    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().transpose(1, 2), targets[i:i + rows],
+                                       reduction="none") for i in range(0, logits.shape[0], rows)])
+
+
+# -----------------------------------------------------------------------------
+# Training checkpoints for exact resume: out_dir/checkpoint-<step>/ holds the weights (a full model in
+# LLaDA's layout, or the LoRA adapter), trainer_state.pt (optimizer and RNG state, anything else the stage
+# needs) and state.json (arguments and step). The folder is written under a temporary name and renamed, so
+# a run killed at any moment, even mid-save, leaves the previous checkpoint intact.
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args):
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
+    if lora_modules(model):
+        save_adapter(model, os.path.join(tmp, "adapter"), base_model)
+    else:
+        save_model(model, tokenizer, os.path.join(tmp, "model"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "args": args}, f, indent=2)
+    final = os.path.join(out_dir, f"{CHECKPOINT_PREFIX}{step:06d}")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    # the new checkpoint is in place: older ones and leftovers of killed saves can go
+    for name in os.listdir(out_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name != os.path.basename(final) or name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint folder in out_dir, or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX)
+                   and os.path.exists(os.path.join(out_dir, n, "state.json")))
+    return os.path.join(out_dir, names[-1]) if names else None
+
+
+def load_checkpoint_weights(path, model):
+    """Copy a checkpoint's weights (full model or adapter) into `model`, in place."""
+    if os.path.isdir(os.path.join(path, "adapter")):
+        return load_adapter(model, os.path.join(path, "adapter"))
+    saved = load_model(os.path.join(path, "model"))
+    with torch.no_grad():
+        for (name, p), (name2, q) in zip(model.named_parameters(), saved.named_parameters()):
+            assert name == name2, (name, name2)
+            p.copy_(q)
+    return model
+
+
+def load_trainer_state(path):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
+    state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    return state

@@ -1,0 +1,270 @@
+"""
+Stage 1 of d1: masked SFT, the completion-only supervised fine-tuning of LLaDA (Nie et al. 2025, App. B.1).
+
+For each example x = prompt ++ response (the response padded with EOS to the micro-batch's longest, and
+trained on: that is how the model learns to stop), draw t ~ U(0, 1) per sequence, p = (1 - eps) t + eps,
+mask every response token with probability p (never the prompt), and minimise
+
+    loss = sum over masked tokens of CE(logits_i, x_i) / p  /  number of response tokens
+
+(d1 divides by the response tokens of the batch). The model learns to fill any fraction of the answer
+from the prompt and the rest of the answer, which is what the sampler in generate.py asks of it.
+
+How this script differs from d1's SFT: no Trainer (a plain loop), hand-written DDP and LoRA, the global
+batch given in global units, the masks drawn from (seed, step, micro-batch) so that a run is the same at
+any world size, and exact resume from the newest checkpoint.
+
+    python sft.py                                    # the tiny default: 4x4 Sudoku on a laptop CPU
+    torchrun --standalone --nproc_per_node=2 sft.py  # the same run over 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=8 sft.py --model checkpoints/LLaDA-8B-Instruct --task s1k \\
+        --lora-r 128 --lora-alpha 256 --batch-size 16 --micro-batch-size 1 --lr 1e-5 --max-seq-length 4096 \\
+        --warmup-steps 50 --lr-schedule constant --grad-checkpointing --max-steps 2000 --out-dir out/sft-8b
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import ddp
+import model as M
+from evaluate import EVAL_DEFAULTS, evaluate_examples, test_examples
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description="Masked SFT of a diffusion LM (stage 1 of d1).")
+# Model and data
+parser.add_argument("--model", default="tiny", help="a checkpoint folder (LLaDA's layout) or a preset name "
+                    f"({', '.join(M.PRESETS)}); presets start from random weights and the character tokenizer")
+parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS, help="training data (see data/)")
+parser.add_argument("--split", default=None, help="data split (default: 'sft' for tiny_sudoku, else 'train')")
+parser.add_argument("--data-dir", default="data/files", help="where downloaded datasets live")
+parser.add_argument("--num-examples", type=int, default=None, help="use only this many training examples")
+parser.add_argument("--max-seq-length", type=int, default=4096, help="prompt + response tokens at most")
+parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"],
+                    help="what to do with longer examples (they are counted in the log either way)")
+# LoRA (r 0 = full fine-tuning)
+parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight")
+parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+parser.add_argument("--lora-targets", default=",".join(M.LORA_TARGETS), help="comma-separated module names")
+# Optimisation
+parser.add_argument("--batch-size", type=int, default=128, help="global batch: examples per optimiser step")
+parser.add_argument("--micro-batch-size", type=int, default=None,
+                    help="examples per forward pass on one rank (default: batch-size / world size)")
+parser.add_argument("--max-steps", type=int, default=300, help="optimiser steps")
+parser.add_argument("--max-seconds", type=float, default=0, help="also stop after this much training time; 0 = off")
+parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up")
+parser.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
+parser.add_argument("--mask-eps", type=float, default=1e-3, help="the smallest masking rate p (LLaDA's eps)")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+# Evaluation, logging, checkpoints
+parser.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps; 0 = only at the end")
+parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
+parser.add_argument("--out-dir", default="out/sft", help="final model, checkpoints and metrics.jsonl")
+parser.add_argument("--save-every", type=int, default=100, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and masks")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Distributed init and the batch arithmetic
+
+rank, world_size, device = ddp.init()
+ddp.seed_everything(args.seed)
+micro = args.micro_batch_size or args.batch_size // world_size
+if args.batch_size % (micro * world_size) != 0:
+    raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch-size x world size "
+                     f"({micro} x {world_size})")
+accumulation = args.batch_size // (micro * world_size)
+ddp.print0(f"args: {json.dumps(vars(args))}")
+ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per micro-batch x {accumulation} "
+           f"accumulation x {world_size} ranks | device {device}")
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer
+
+if args.model in M.PRESETS:
+    tokenizer = M.build_tiny_tokenizer()
+    model = M.build_model(args.model, tokenizer, seed=args.seed)
+elif os.path.isdir(args.model):
+    tokenizer = M.load_tokenizer(args.model)
+    model = M.load_model(args.model)
+else:
+    raise SystemExit(f"--model {args.model!r} is neither a checkpoint folder nor a preset ({', '.join(M.PRESETS)})")
+if args.lora_r > 0:
+    if args.model in M.PRESETS:
+        raise SystemExit("--lora-r needs a pretrained base: pass --model CHECKPOINT_DIR (a preset starts from random weights)")
+    M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")), args.seed)
+model.to(device)
+model.gradient_checkpointing = args.grad_checkpointing
+mask_id = M.mask_token_id(tokenizer)
+trainable = [p for p in model.parameters() if p.requires_grad]
+ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
+           f"trained ({'LoRA r=%d' % args.lora_r if args.lora_r else 'full'}), mask id {mask_id}")
+
+# -----------------------------------------------------------------------------
+# Data: tokenise prompt and response; the response ends with EOS
+
+split = args.split or ("sft" if args.task == "tiny_sudoku" else "train")
+examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
+if any(ex["completion"] is None for ex in examples[:1]):
+    raise SystemExit(f"task {args.task} split {split} has no SFT completions")
+sequences, dropped, truncated = [], 0, 0
+for ex in examples:
+    prompt_ids = M.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])
+    response_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(response_ids) > args.max_seq_length:
+        if args.overlong == "drop" or len(prompt_ids) >= args.max_seq_length:
+            dropped += 1
+            continue
+        response_ids = response_ids[: args.max_seq_length - len(prompt_ids)]
+        truncated += 1
+    sequences.append((prompt_ids, response_ids))
+if not sequences:
+    raise SystemExit(f"no example fits --max-seq-length {args.max_seq_length}")
+ddp.print0(f"data: {args.task}/{split} {len(sequences)} examples ({dropped} dropped, {truncated} truncated as "
+           f"longer than {args.max_seq_length} tokens)")
+
+
+def global_batch(step):
+    """The examples of optimiser step `step`: consecutive slices of a permutation drawn per epoch from
+    (seed, epoch). A pure function of the step, so resuming needs no data-loader state."""
+    start = step * args.batch_size
+    indices = []
+    while len(indices) < args.batch_size:
+        epoch, offset = divmod(start + len(indices), len(sequences))
+        order = torch.randperm(len(sequences), generator=ddp.generator(args.seed, epoch))
+        indices += order[offset: offset + args.batch_size - len(indices)].tolist()
+    return indices
+
+
+def collate(indices):
+    """(B, L) token ids with the response padded by EOS to the longest sequence, and prompt lengths (B,)."""
+    length = max(len(sequences[i][0]) + len(sequences[i][1]) for i in indices)
+    rows, prompt_lengths = [], []
+    for i in indices:
+        prompt_ids, response_ids = sequences[i]
+        pad = length - len(prompt_ids) - len(response_ids)
+        rows.append(prompt_ids + response_ids + [tokenizer.eos_token_id] * pad)
+        prompt_lengths.append(len(prompt_ids))
+    return torch.tensor(rows, device=device), torch.tensor(prompt_lengths, device=device)
+
+
+# held-out examples for the accuracy printed during and after training
+eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+
+# -----------------------------------------------------------------------------
+# Optimiser and resume
+
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
+start_step = 0
+checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
+if args.resume and checkpoint is None:
+    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
+if checkpoint:
+    state = M.load_trainer_state(checkpoint)
+    M.load_checkpoint_weights(checkpoint, model)
+    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
+    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
+    start_step = state["step"]
+    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+ddp.broadcast_parameters(model)
+metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+
+def save(step):
+    # every rank's RNG state is gathered so that each continues its own stream (LoRA dropout)
+    rng = ddp.gather_objects(ddp.rng_state())
+    if rank == 0:
+        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, args.model,
+                                 {"optimizer": optimizer.state_dict(), "rng": rng}, vars(args))
+        print(f"saved {path}", flush=True)
+    ddp.barrier()
+
+
+def held_out_accuracy():
+    model.eval()
+    result = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                               **eval_settings)
+    model.train()
+    return result["accuracy"]
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+model.train()
+bar = tqdm(total=args.max_steps, initial=start_step, desc="sft", disable=rank != 0, dynamic_ncols=True)
+t_start = time.time()
+final_step = args.max_steps
+for step in range(start_step, args.max_steps):
+    t0 = time.time()
+    lr = ddp.learning_rate(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = global_batch(step)
+    loss_sum, tokens = 0.0, 0
+    # micro-batch j of the global batch belongs to rank j % world_size; its masks come from (seed, step, j)
+    for j in range(rank, args.batch_size // micro, world_size):
+        input_ids, prompt_lengths = collate(batch[j * micro:(j + 1) * micro])
+        noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, mask_id, args.mask_eps,
+                                          ddp.generator(args.seed, step, j))
+        with ddp.autocast(device):
+            logits = model(noisy)  # (B, L, V)
+        loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths)
+        (loss / accumulation).backward()
+        loss_sum += loss.item()
+        tokens += input_ids.numel()
+    ddp.all_reduce_gradients(trainable)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    metrics = ddp.all_reduce_mean({"loss": loss_sum / accumulation, "tokens": tokens})
+    dt = time.time() - t0
+    # the time budget is decided on all ranks together, so that no rank waits for one that stopped
+    out_of_time = args.max_seconds > 0 and ddp.any_rank(time.time() - t_start > args.max_seconds)
+    last_step = step == args.max_steps - 1 or out_of_time
+    record = {"step": step + 1, "loss": metrics["loss"], "lr": lr, "grad_norm": float(grad_norm),
+              "dt_ms": dt * 1000, "tok_per_s": metrics["tokens"] * world_size / dt}
+    if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last_step:
+        if eval_examples:
+            record["eval_accuracy"] = held_out_accuracy()
+    ddp.log_jsonl(metrics_path, record)
+    bar.update(1)
+    if rank == 0:
+        bar.write(f"step {step + 1:05d}/{args.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                  f"grad {record['grad_norm']:.3f} | dt {record['dt_ms']:.0f}ms | tok/s {record['tok_per_s']:.0f}"
+                  + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))
+    if last_step:
+        final_step = step + 1
+        break
+    if args.save_every > 0 and (step + 1) % args.save_every == 0:
+        save(step + 1)
+bar.close()
+
+# -----------------------------------------------------------------------------
+# Final model: LLaDA's layout (or the adapter folder), plus a last resumable checkpoint
+
+save(final_step)
+if rank == 0:
+    if args.lora_r > 0:
+        M.save_adapter(model, args.out_dir, args.model, extra_files={"training_args.json": vars(args)})
+    else:
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+    steps_done = final_step - start_step
+    elapsed = time.time() - t_start
+    print(f"done: {steps_done} steps in {elapsed:.1f}s ({steps_done / max(elapsed, 1e-9):.2f} steps/s); "
+          f"model in {args.out_dir}", flush=True)
+ddp.cleanup()

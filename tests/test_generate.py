@@ -1,0 +1,283 @@
+"""
+Guards generate.py, the sampler (LLaDA's reverse diffusion with low-confidence remasking in
+semi-autoregressive blocks) and its CLI.
+
+- at temperature 0 the fast batched `generate` returns IDENTICAL tokens to a slow reference written here
+  (one row at a time, plain torch.topk per row, LLaDA's algorithm as DESIGN.md states it, classifier-free
+  guidance included), over several (steps, gen_length, block_length, cfg_scale, batch) settings, including
+  steps per block that do not divide the block length and more steps than tokens;
+- no mask token is left after sampling, not even when the model likes the mask token best;
+- determinism at a fixed generator seed at temperature > 0; the Gumbel noise samples softmax(logits / T);
+- "random" remasking; left padding hidden by attention_mask; rows independent of their batch;
+- the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class NeverPredictsMask(torch.nn.Module):
+    """A real model whose logit of the mask token is pushed to -1e4 (softmax gives it exactly 0 in float64),
+    as a trained model's is: the sampler's bookkeeping is then tested alone, whatever it does about [MASK]
+    (test_never_commits_the_mask_token covers that)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.model(input_ids, attention_mask)
+        logits[..., self.cfg.mask_token_id] = -1e4
+        return logits
+
+
+def sampler_model(make_model, seed):
+    """A random model (init_std 0.3 spreads the confidences, so that no two positions tie) that never
+    predicts the mask token."""
+    return NeverPredictsMask(make_model(seed=seed, init_std=0.3))
+
+
+def random_prompts(model, B, Lp, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.cfg.vocab_size, (B, Lp), generator=g)
+    prompts[prompts == model.cfg.mask_token_id] = 0
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# The slow reference sampler
+
+
+def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id):
+    """LLaDA's sampler at temperature 0, one row at a time. For each block, left to right, its masked count
+    n is split over steps / num_blocks steps (n // s each, one more for the first n % s of them). At each
+    step: one forward pass (and, with cfg, one with the prompt masked: logits = un + (cfg + 1)(cond - un));
+    each still-masked position of the block predicts its argmax with confidence softmax(logits)[argmax];
+    the k most confident are committed."""
+    Lp = prompt_ids.shape[1]
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    rows = []
+    for prompt in prompt_ids.tolist():
+        x = prompt + [mask_id] * gen_length
+        for block in range(num_blocks):
+            positions = list(range(Lp + block * block_length, Lp + (block + 1) * block_length))
+            n = sum(1 for i in positions if x[i] == mask_id)
+            counts = [n // steps_per_block + (1 if s < n % steps_per_block else 0) for s in range(steps_per_block)]
+            assert sum(counts) == n
+            for s in range(steps_per_block):
+                with torch.no_grad():
+                    logits = model(torch.tensor([x]))[0]  # (L, V)
+                    if cfg_scale > 0:
+                        unconditional = model(torch.tensor([[mask_id] * Lp + x[Lp:]]))[0]
+                        logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
+                candidates = [i for i in positions if x[i] == mask_id]
+                predictions = [int(torch.argmax(logits[i])) for i in candidates]
+                confidence = torch.tensor([float(torch.softmax(logits[i].double(), dim=-1)[p])
+                                           for i, p in zip(candidates, predictions)], dtype=torch.float64)
+                for j in torch.topk(confidence, counts[s]).indices.tolist():
+                    x[candidates[j]] = predictions[j]
+        rows.append(x)
+    return torch.tensor(rows)
+
+
+SETTINGS = [  # (steps, gen_length, block_length, cfg_scale, batch, prompt length)
+    (8, 16, 8, 0.0, 3, 5),   # 2 blocks, 4 steps each, 2 tokens per step
+    (6, 16, 8, 0.0, 2, 4),   # 3 steps per block of 8: 3, 3, 2 (remainder to the earliest steps)
+    (4, 12, 12, 0.0, 2, 3),  # one block
+    (9, 15, 5, 0.0, 2, 6),   # 3 blocks of 5 in 3 steps each: 2, 2, 1
+    (12, 8, 4, 0.0, 2, 3),   # 6 steps per block of 4: 1, 1, 1, 1, 0, 0 (steps that commit nothing)
+    (5, 8, 8, 1.0, 2, 4),    # cfg, 8 tokens in 5 steps: 2, 2, 2, 1, 1
+    (8, 8, 4, 0.5, 1, 3),    # cfg, semi-autoregressive
+]
+
+
+@pytest.mark.parametrize("steps,gen_length,block_length,cfg_scale,batch,prompt_length", SETTINGS)
+def test_greedy_generate_equals_slow_reference(make_model, steps, gen_length, block_length, cfg_scale, batch,
+                                               prompt_length):
+    model = sampler_model(make_model, seed=steps + gen_length)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, batch, prompt_length, seed=steps)
+    out = G.generate(model, prompts, steps, gen_length, block_length, temperature=0.0, cfg_scale=cfg_scale,
+                     mask_id=mask_id)
+    assert out.shape == (batch, prompt_length + gen_length)
+    assert torch.equal(out[:, :prompt_length], prompts)
+    assert not (out == mask_id).any()
+    assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale, mask_id))
+
+
+def test_cfg_changes_the_result(make_model):
+    """The unconditional pass is used: with a large guidance scale the tokens differ from plain sampling."""
+    model = sampler_model(make_model, seed=3)
+    prompts = random_prompts(model, 3, 6, seed=0)
+    plain = G.generate(model, prompts, 8, 16, 8, mask_id=model.cfg.mask_token_id)
+    guided = G.generate(model, prompts, 8, 16, 8, cfg_scale=3.0, mask_id=model.cfg.mask_token_id)
+    assert not torch.equal(plain, guided)
+
+
+# -----------------------------------------------------------------------------
+# Contracts
+
+
+class MaskLovingModel(torch.nn.Module):
+    """A mock whose logits put the mask token first everywhere, then random tokens."""
+
+    def __init__(self, vocab_size, mask_id):
+        super().__init__()
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+
+    def forward(self, input_ids, attention_mask=None):
+        g = torch.Generator().manual_seed(int(input_ids.sum()))
+        logits = torch.randn(*input_ids.shape, self.vocab_size, generator=g)
+        logits[..., self.mask_id] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_never_commits_the_mask_token(temperature):
+    """Committing [MASK] would leave the position masked after its block is done (the block's transfer
+    counts are fixed at its start), so a completion could come back with mask tokens in it."""
+    model = MaskLovingModel(vocab_size=20, mask_id=7)
+    out = G.generate(model, torch.zeros(2, 3, dtype=torch.long), 4, 8, 4, temperature=temperature, mask_id=7,
+                     generator=torch.Generator().manual_seed(0))
+    assert not (out[:, 3:] == 7).any()
+
+
+def test_seeded_sampling_is_deterministic(make_model):
+    model = sampler_model(make_model, seed=5)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 3, 5, seed=1)
+    run = lambda seed, remasking="low_confidence": G.generate(  # noqa: E731
+        model, prompts, 8, 16, 8, temperature=1.0, remasking=remasking, mask_id=mask_id,
+        generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the noise is used
+    assert not (a == mask_id).any() and not (c == mask_id).any()
+    r1, r2 = run(0, "random"), run(0, "random")
+    assert torch.equal(r1, r2) and not (r1 == mask_id).any()
+    assert torch.equal(r1[:, :5], prompts)
+
+
+def test_random_remasking_at_temperature_zero(make_model):
+    model = sampler_model(make_model, seed=6)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 2, 4, seed=2)
+    out = G.generate(model, prompts, 6, 12, 6, remasking="random", mask_id=mask_id,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 16) and not (out == mask_id).any()
+
+
+class FixedLogitsModel(torch.nn.Module):
+    """A mock returning the same logits at every position."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.logits.expand(*input_ids.shape, -1).clone()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gumbel_noise_samples_the_tempered_softmax(temperature):
+    """argmax(logits + T * Gumbel) is a sample of softmax(logits / T)."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, -30.0])  # token 4 is the mask token
+    model = FixedLogitsModel(logits)
+    N = 4000
+    out = G.generate(model, torch.zeros(N, 1, dtype=torch.long), 1, 1, 1, temperature=temperature, mask_id=4,
+                     generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(out[:, 1], minlength=5).double() / N
+    p = torch.softmax(logits.double() / temperature, dim=0)
+    assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / N) + 1e-9).all(), (freq, p)
+
+
+def test_rows_are_independent_of_their_batch(make_model):
+    model = sampler_model(make_model, seed=7)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 4, 5, seed=3)
+    for cfg_scale in (0.0, 1.0):
+        batch = G.generate(model, prompts, 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id)
+        for row in range(4):
+            alone = G.generate(model, prompts[row:row + 1], 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id)
+            assert torch.equal(alone[0], batch[row])
+
+
+def test_left_padding_hidden_by_attention_mask(make_model):
+    """Changing the padded tokens of a left-padded prompt changes nothing once attention_mask hides them."""
+    model = sampler_model(make_model, seed=8)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 2, 6, seed=4)
+    attention_mask = torch.ones_like(prompts)
+    attention_mask[0, :2] = 0
+    other = prompts.clone()
+    other[0, :2] = (prompts[0, :2] + 5) % model.cfg.vocab_size
+    for cfg_scale in (0.0, 1.0):
+        a = G.generate(model, prompts, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id, attention_mask=attention_mask)
+        b = G.generate(model, other, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id, attention_mask=attention_mask)
+        assert torch.equal(a[:, 6:], b[:, 6:]) and not (a == mask_id).any()
+
+
+def test_argument_errors(make_model):
+    model = sampler_model(make_model, seed=0)
+    prompts = random_prompts(model, 1, 3, seed=0)
+    with pytest.raises(ValueError, match="gen_length 10 must be a multiple of block_length 4"):
+        G.generate(model, prompts, 4, 10, 4, mask_id=model.cfg.mask_token_id)
+    with pytest.raises(ValueError, match="steps 5 must be a multiple of the number of blocks"):
+        G.generate(model, prompts, 5, 8, 4, mask_id=model.cfg.mask_token_id)
+    with pytest.raises(ValueError, match="remasking"):
+        G.generate(model, prompts, 4, 8, 4, remasking="high_confidence", mask_id=model.cfg.mask_token_id)
+
+
+def test_num_transfer_tokens_hand_example():
+    block_masked = torch.zeros(3, 12, dtype=torch.bool)
+    block_masked[0, :10] = True  # 10 over 4 steps: 3, 3, 2, 2
+    block_masked[1, 2:9] = True  # 7 over 4 steps: 2, 2, 2, 1
+    got = G.num_transfer_tokens(block_masked, 4)  # row 2: nothing masked
+    assert got.tolist() == [[3, 3, 2, 2], [2, 2, 2, 1], [0, 0, 0, 0]]
+    assert G.num_transfer_tokens(block_masked[:1], 12).tolist() == [[1] * 10 + [0, 0]]
+
+
+def test_completion_text_cuts_at_the_first_stop_id(tokenizer):
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    stops = M.stop_token_ids(tokenizer)
+    assert G.completion_text(tokenizer, torch.tensor(ids("12") + [eos] + ids("34") + [eot]), stops) == "12"
+    assert G.completion_text(tokenizer, torch.tensor(ids("a b") + [eot, eos] + ids("c")), stops) == "a b"
+    assert G.completion_text(tokenizer, torch.tensor(ids("1\n2")), stops) == "1\n2"
+    assert G.completion_text(tokenizer, torch.tensor([eos] + ids("9")), stops) == ""
+
+
+# -----------------------------------------------------------------------------
+# The CLI
+
+
+def test_cli_samples_from_a_saved_checkpoint(tokenizer, tmp_path):
+    model = M.build_model("tiny", tokenizer, seed=0)
+    with torch.no_grad():  # zero rows: stop and mask tokens never win the argmax, so the text is not empty
+        for i in M.stop_token_ids(tokenizer) + [M.mask_token_id(tokenizer)]:
+            model.ff_out.weight[i] = 0
+    path = str(tmp_path / "ckpt")
+    M.save_model(model, tokenizer, path)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "generate.py", "--model", path, "--prompt", "12", "--gen-length", "8",
+                             "--block-length", "4", "--steps", "4", "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # the same sampling in process
+    loaded = M.load_model(path).eval()
+    prompt = torch.tensor([M.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])])
+    out = G.generate(loaded, prompt, 4, 8, 4, mask_id=loaded.cfg.mask_token_id,
+                     generator=torch.Generator().manual_seed(0))
+    expected = G.completion_text(tokenizer, out[0, prompt.shape[1]:], M.stop_token_ids(tokenizer))
+    assert len(expected) > 0
+    assert result.stdout.endswith(expected + "\n")
