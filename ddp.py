@@ -109,6 +109,19 @@ def broadcast_parameters(module):
         dist.broadcast(p.data, src=0)
 
 
+def assert_parameters_identical(module):
+    """Check that every rank holds the same parameters (a cheap checksum, gathered): a broken gradient
+    average shows up here, not as a silently diverged run."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        checksum = sum(float(p.double().sum()) + float(p.double().abs().sum()) for p in module.parameters())
+    sums = gather_objects(checksum)
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"parameters differ across ranks (checksums {sums})")
+    print0(f"parameters identical on all {len(sums)} ranks")
+
+
 def all_reduce_mean(metrics: dict, device="cpu"):
     """Average a dict of floats over ranks (every rank must pass the same keys)."""
     if not is_distributed() or not metrics:
@@ -199,11 +212,14 @@ def autocast(device):
 
 
 def learning_rate(step, max_lr, warmup_steps, max_steps, schedule):
-    """Linear warm-up over warmup_steps, then constant or cosine decay to 10% of max_lr at max_steps.
-    A pure function of the step, so resuming needs only the step."""
+    """Linear warm-up over warmup_steps, then constant, linear decay to 0 (the Trainer default d1's SFT
+    used) or cosine decay to 10% of max_lr at max_steps. A pure function of the step, so resuming needs
+    only the step."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     if schedule == "constant":
         return max_lr
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        return max_lr * (1 - progress)
     return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

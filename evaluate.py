@@ -165,12 +165,31 @@ EVAL_DEFAULTS = {
     "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
 }
 SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
-RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth")
+RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth", "canvas")
 
 
 def record_columns(example):
     """The columns a reward function or rewards.score reads from a record (d1's names)."""
     return {k: v for k, v in example.items() if k not in RECORD_KEYS}
+
+
+def encode_canvas(tokenizer, example, gen_length, mask_id):
+    """The starting completion (gen_length,) of an infilling record: its canvas text, CANVAS_BLANK
+    characters turned into [MASK], then EOS, then [MASK] up to gen_length. None when the record has no
+    canvas (the sampler then starts from an all-[MASK] completion)."""
+    from data import CANVAS_BLANK
+
+    if example.get("canvas") is None:
+        return None
+    ids = tokenizer(example["canvas"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    blank_id = tokenizer.convert_tokens_to_ids(CANVAS_BLANK)
+    ids = [mask_id if t == blank_id else t for t in ids]
+    if ids.count(mask_id) != example["canvas"].count(CANVAS_BLANK):
+        raise ValueError(f"the tokenizer does not keep {CANVAS_BLANK!r} as one token: canvases need a "
+                         "character-level tokenizer")
+    if len(ids) > gen_length:
+        raise ValueError(f"a canvas of {len(ids)} tokens does not fit in gen_length {gen_length}")
+    return ids + [mask_id] * (gen_length - len(ids))
 
 
 def left_pad(prompts, pad_id, device):
@@ -203,10 +222,12 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
                   dynamic_ncols=True):
         batch = mine[b:b + batch_size]
         prompt_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.eos_token_id, device)
+        canvases = [encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
+        canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
         try:
             with ddp.autocast(device):
                 out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
-                               attention_mask=attention_mask)
+                               attention_mask=attention_mask, canvas=canvas)
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"a batch of {len(batch)} prompts x {prompt_ids.shape[1] + gen_length} tokens does "
                              "not fit in GPU memory: lower --batch-size") from None
@@ -267,7 +288,8 @@ if __name__ == "__main__":
     import data
 
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
-    parser.add_argument("--model", help="checkpoint folder: ours, a LoRA adapter folder, or LLaDA's published layout")
+    parser.add_argument("--model", nargs="+", help="checkpoint folder(s): ours, a LoRA adapter folder, or LLaDA's "
+                        "published layout; several are evaluated in turn and compared in one table")
     parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS[:-1], help="test set to evaluate on")
     parser.add_argument("--data-dir", default="data/files", help="where downloaded test sets live")
     parser.add_argument("--gen-length", type=int, default=None, help="tokens generated (d1: 128, 256, 512)")
@@ -284,8 +306,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if not args.model:
         parser.error("--model is required (or --rescore)")
-    if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model!r} is not a folder (a checkpoint or adapter folder)")
+    for path in args.model:
+        if not os.path.isdir(path):
+            raise SystemExit(f"--model {path!r} is not a folder (a checkpoint or adapter folder)")
 
     rank, world_size, device = ddp.init()
     defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
@@ -296,21 +319,30 @@ if __name__ == "__main__":
                 "batch_size": args.batch_size or defaults["batch_size"]}
     examples = test_examples(args.task, args.data_dir, args.limit)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = M.load_tokenizer(args.model)
-    model = M.load_model(args.model, device, dtype).eval()
-    ddp.print0(f"evaluating {args.model} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
-    result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
-    if rank == 0:
-        tag = re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.basename(os.path.normpath(args.model)))
-        path = os.path.join(args.output_dir,
-                            f"{args.task}_{tag}_{gen_length}_{settings['steps']}_0_generations.json")
-        write_generations(path, examples, result, tokenizer,
-                          {"model_path": args.model, "task": args.task, "world_size": world_size, **settings})
-        print(format_table(rescore([path])))
-        line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated tok/s | "
-                f"wall {result['wall_s']:.1f}s")
-        if "valid_rate" in result:
-            line += f" | valid complete solutions {100 * result['valid_rate']:.2f}%"
-        print(line)
-        print(f"wrote {path}")
+    summary = {}
+    for model_path in args.model:
+        tokenizer = M.load_tokenizer(model_path)
+        model = M.load_model(model_path, device, dtype).eval()
+        ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
+        result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
+        del model
+        if rank == 0:
+            name = os.path.basename(os.path.normpath(model_path))
+            tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+            path = os.path.join(args.output_dir,
+                                f"{args.task}_{tag}_{gen_length}_{settings['steps']}_0_generations.json")
+            write_generations(path, examples, result, tokenizer,
+                              {"model_path": model_path, "task": args.task, "world_size": world_size, **settings})
+            print(format_table(rescore([path])))
+            line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated "
+                    f"tok/s | wall {result['wall_s']:.1f}s")
+            if "valid_rate" in result:
+                line += f" | valid complete solutions {100 * result['valid_rate']:.2f}%"
+            print(line)
+            print(f"wrote {path}")
+            summary[name] = 100 * result["accuracy"]
+    if rank == 0 and len(summary) > 1:  # the comparison, one column per checkpoint
+        print(f"\nheld-out accuracy (%) on {args.task}, {len(examples)} examples")
+        print(" | ".join(f"{name:>14}" for name in summary))
+        print(" | ".join(f"{acc:>14.1f}" for acc in summary.values()))
     ddp.cleanup()

@@ -37,12 +37,14 @@ def num_transfer_tokens(block_masked, steps):
 
 @torch.no_grad()
 def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
-             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None):
+             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
     Rows of the batch are independent. Gumbel noise is drawn in float64 (as d1 does in its rollouts) from
     `generator` when given. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
-    (None: every position attends everywhere, as LLaDA and d1 do)."""
+    (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is
+    the completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
+    positions are sampled (infilling); each block's steps split the masks the block actually has."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
@@ -56,6 +58,8 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     device = prompt_ids.device
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :Lp] = prompt_ids
+    if canvas is not None:
+        x[:, Lp:] = canvas
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[:, :Lp] = True
     if attention_mask is not None:
@@ -68,6 +72,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
         start, end = Lp + block * block_length, Lp + (block + 1) * block_length
         transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
         for i in range(steps_per_block):
+            k = transfers[:, i]  # (B,) tokens each row commits at this step
+            kmax = int(k.max())
+            if kmax == 0:  # nothing to commit (a block with fewer masks than steps): skip the forward pass
+                continue
             if cfg_scale > 0:
                 uncond = torch.where(prompt_index, torch.full_like(x, mask_id), x)
                 cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask).chunk(2)
@@ -90,10 +98,6 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             confidence = torch.where(still_masked, confidence, -torch.inf)
             # commit the k_b most confident positions of each row b, with no loop over rows:
             # take the top max(k) and keep the first k_b of them
-            k = transfers[:, i]  # (B,)
-            kmax = int(k.max())
-            if kmax == 0:
-                continue
             top = confidence.topk(kmax, dim=-1).indices  # (B, kmax)
             keep = torch.arange(kmax, device=device)[None, :] < k[:, None]
             commit = torch.zeros_like(still_masked)
@@ -178,7 +182,8 @@ if __name__ == "__main__":
     tokenizer = M.load_tokenizer(args.model)
     prompt = M.encode_prompt(tokenizer, [{"role": "user", "content": args.prompt.replace("\\n", "\n")}], args.prefill)
     prompt_ids = torch.tensor([prompt], device=args.device)
-    out = generate(model, prompt_ids, args.steps, args.gen_length, args.block_length, args.temperature,
-                   args.cfg_scale, args.remasking, model.cfg.mask_token_id,
-                   generator=torch.Generator(args.device).manual_seed(args.seed))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        out = generate(model, prompt_ids, args.steps, args.gen_length, args.block_length, args.temperature,
+                       args.cfg_scale, args.remasking, model.cfg.mask_token_id,
+                       generator=torch.Generator(args.device).manual_seed(args.seed))
     print(completion_text(tokenizer, out[0, prompt_ids.shape[1]:], M.stop_token_ids(tokenizer)))

@@ -50,7 +50,7 @@ import data
 import ddp
 import model as M
 import rewards
-from evaluate import EVAL_DEFAULTS, evaluate_examples, record_columns, test_examples
+from evaluate import EVAL_DEFAULTS, encode_canvas, evaluate_examples, record_columns, test_examples
 from generate import completion_text, generate
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alph
 parser.add_argument("--max-steps", type=int, default=200, help="rollout batches")
 parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
 parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warm-up")
+parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"], help="after warm-up")
 parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
@@ -138,7 +138,9 @@ if not os.path.isdir(args.model):
     raise SystemExit(f"--model {args.model!r} is not a folder. The tiny default starts from the SFT checkpoint: "
                      "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
 tokenizer = M.load_tokenizer(args.model)
-model = M.load_model(args.model)
+lora = M.is_adapter(args.model) or args.lora_r > 0
+# a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
+model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
 if M.is_adapter(args.model):
     base_model = M.adapter_base(args.model)  # continue training the given adapter
 elif args.lora_r > 0:
@@ -146,7 +148,6 @@ elif args.lora_r > 0:
     M.add_lora(model, args.lora_r, args.lora_alpha, 0.0, tuple(args.lora_targets.split(",")), args.seed)
 else:
     base_model = args.model
-lora = bool(M.lora_modules(model))
 if lora:  # only the adapters train
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -233,11 +234,16 @@ def left_pad(rows, pad_id):
 @torch.no_grad()
 def rollout(step, prompt_indices):
     """G completions of each prompt. Returns the (N, Lp + gen_length) sequences, the prompt attention
-    mask (or None), the completion mask (N, gen_length) up to and including the first stop token, and
-    the completion texts; N = len(prompt_indices) * G, each group contiguous."""
+    mask (or None), the canvas the sampler started from (or None), the completion mask (N, gen_length)
+    of the sampled tokens up to and including the first stop token, and the completion texts;
+    N = len(prompt_indices) * G, each group contiguous."""
     rows = [M.encode_prompt(tokenizer, prompts[i]["prompt"], prompts[i]["prefill"])
             for i in prompt_indices for _ in range(args.num_generations)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.eos_token_id)
+    canvas = None  # infilling tasks start from a canvas; the others from an all-[MASK] completion
+    if prompts[prompt_indices[0]].get("canvas") is not None:
+        canvas = torch.tensor([encode_canvas(tokenizer, prompts[i], gen_length, mask_id)
+                               for i in prompt_indices for _ in range(args.num_generations)], device=device)
     model.eval()
     outputs = []
     for b in range(0, len(rows), generation_batch):
@@ -246,28 +252,21 @@ def rollout(step, prompt_indices):
                 model, prompt_ids[b:b + generation_batch], diffusion_steps, gen_length, block_length,
                 args.temperature, mask_id=mask_id,
                 attention_mask=None if prompt_mask is None else prompt_mask[b:b + generation_batch],
-                generator=ddp.generator(args.seed, step, rank, b, device=device)))
+                generator=ddp.generator(args.seed, step, rank, b, device=device),
+                canvas=None if canvas is None else canvas[b:b + generation_batch]))
     sequences = torch.cat(outputs)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=device))
     # keep tokens up to and including the first stop token: positions where no stop came strictly before
     completion_mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0
+    if canvas is not None:  # the policy's actions are the tokens it sampled, not the canvas it was given
+        completion_mask &= canvas == mask_id
     texts = [completion_text(tokenizer, row, stop_ids) for row in completion_ids]
-    return sequences, prompt_mask, completion_mask, texts
+    return sequences, prompt_mask, canvas, completion_mask, texts
 
 
 # -----------------------------------------------------------------------------
 # The one-pass log-prob estimator
-
-
-def perturb(sequences, prompt_length, generator):
-    """d1's estimator input: every completion token masked, each prompt token masked with probability
-    p_mask_prompt. The random matrix is drawn once for the whole rollout batch, so any chunking of the
-    batch sees the same mask."""
-    u = torch.rand(sequences.shape, generator=generator).to(sequences.device)
-    is_prompt = torch.arange(sequences.shape[1], device=sequences.device)[None, :] < prompt_length
-    masked = ~is_prompt | (u < args.p_mask_prompt)
-    return torch.where(masked, torch.full_like(sequences, mask_id), sequences)
 
 
 def completion_logprobs(policy, perturbed, sequences, attention_mask, prompt_length):
@@ -321,7 +320,7 @@ for step in range(start_step, args.max_steps):
 
     # 1. rollouts
     prompt_indices = step_prompts(step)
-    sequences, prompt_mask, completion_mask, texts = rollout(step, prompt_indices)
+    sequences, prompt_mask, canvas, completion_mask, texts = rollout(step, prompt_indices)
     N, prompt_length = sequences.shape[0], sequences.shape[1] - gen_length
     attention_mask = None if prompt_mask is None else torch.cat(
         [prompt_mask, torch.ones(N, gen_length, dtype=prompt_mask.dtype, device=device)], dim=1)
@@ -344,7 +343,11 @@ for step in range(start_step, args.max_steps):
     t1 = time.time()
     mask_seeds = [ddp.derive_seed(args.seed, step, k) if args.random_masking else ddp.derive_seed(args.seed)
                   for k in range(args.num_iterations)]
-    perturbed = [perturb(sequences, prompt_length, torch.Generator().manual_seed(s)) for s in mask_seeds]
+    # the conditioning tokens: the prompt, plus the canvas tokens of an infilling task
+    is_prompt = torch.ones_like(sequences, dtype=torch.bool)
+    is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
+    perturbed = [M.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
+                                   torch.Generator().manual_seed(s)) for s in mask_seeds]
     micro_batches = [slice(j, j + micro) for j in range(0, N, micro)]
 
     def logprobs_no_grad(policy, k):
@@ -361,7 +364,7 @@ for step in range(start_step, args.max_steps):
             ref_logps = [logprobs_no_grad(ref, k) for k in range(args.num_iterations)]
 
     # 6. mu inner iterations, iteration k on mask k, one optimiser step each
-    stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+    stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0, "first_ratio_error": 0.0}
     for k in range(args.num_iterations):
         lr = ddp.learning_rate(optimizer_step, args.lr, args.warmup_steps,
                                args.max_steps * args.num_iterations, args.lr_schedule)
@@ -371,20 +374,14 @@ for step in range(start_step, args.max_steps):
             logp = completion_logprobs(model, perturbed[k][mb], sequences[mb],
                                        None if attention_mask is None else attention_mask[mb], prompt_length)
             old = old_logps[k][mb] if old_logps is not None else logp.detach()  # mu = 1: ratio 1
-            mask = completion_mask[mb].float()
-            ratio = torch.exp(logp - old)
-            clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + epsilon_high)
-            loss_tok = -torch.min(ratio * advantages[mb], clipped * advantages[mb])
-            if args.beta > 0:
-                delta = ref_logps[k][mb] - logp
-                kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(pi || ref)
-                loss_tok = loss_tok + args.beta * kl
-                stats["kl"] += ((kl * mask).sum() / mask.sum()).item() / len(micro_batches) / args.num_iterations
-            loss = (loss_tok * mask).sum() / mask.sum()
+            if k == 0:  # the policy has not moved yet: the ratio must be exactly 1
+                stats["first_ratio_error"] = max(stats["first_ratio_error"], (logp.detach() - old).abs().max().item())
+            loss, kl, clip_fraction = M.grpo_loss(logp, old, None if ref_logps is None else ref_logps[k][mb],
+                                                  advantages[mb], completion_mask[mb].float(), args.epsilon,
+                                                  epsilon_high, args.beta)
             (loss / len(micro_batches)).backward()
-            was_clipped = ((ratio < 1 - args.epsilon) & (advantages[mb] < 0)) | ((ratio > 1 + epsilon_high) & (advantages[mb] > 0))
-            stats["clip_ratio"] += ((was_clipped.float() * mask).sum() / mask.sum()).item() / len(micro_batches) / args.num_iterations
-            stats["loss"] += loss.item() / len(micro_batches) / args.num_iterations
+            for name, value in (("loss", loss), ("kl", kl), ("clip_ratio", clip_fraction)):
+                stats[name] += value.item() / len(micro_batches) / args.num_iterations
         ddp.all_reduce_gradients(trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
         stats["grad_norm"] += float(grad_norm) / args.num_iterations
@@ -419,6 +416,7 @@ for step in range(start_step, args.max_steps):
     if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last_step:
         save(step + 1)
 bar.close()
+ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------
 # Final model (LLaDA's layout, or the adapter folder) and a last resumable checkpoint

@@ -521,8 +521,9 @@ class LoRALinear(nn.Linear):
     def add_adapter(self, r, alpha, dropout):
         self.r, self.scaling = r, alpha / r
         self.lora_dropout = nn.Dropout(dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=self.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=self.weight.dtype))
+        # adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose small steps
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
         self.lora_enabled = True
 
@@ -532,7 +533,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.lora_enabled:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            h = self.lora_dropout(x).to(self.lora_A.dtype)
+            y = y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
         return y
 
 
@@ -740,3 +742,52 @@ def load_trainer_state(path):
     # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     return state
+
+
+def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):
+    """d1's one-pass log-prob estimator, its input (d1 Sec. 3.2): every completion token masked and each
+    prompt token masked independently with probability p_mask_prompt. sequences (N, L); is_prompt (N, L)
+    bool marks the conditioning tokens: the prompt, and in infilling tasks the canvas tokens the sampler
+    was given (they are context, not actions). The random matrix is drawn on the CPU for the whole batch
+    from `generator`, so the same seed gives the same mask on any device and for any chunking of the batch."""
+    u = torch.rand(sequences.shape, generator=generator).to(sequences.device)
+    masked = ~is_prompt | (u < p_mask_prompt)
+    return torch.where(masked, torch.full_like(sequences, mask_id), sequences)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta):
+    """The clipped diffu-GRPO objective (d1 eq. 3, with the k3 KL estimate), averaged over the masked-in
+    completion tokens. logp, old_logp, ref_logp (N, T) per-token log-probs (ref_logp None when beta = 0),
+    advantages (N, 1), mask (N, T) of 0/1. Returns (loss, mean KL, fraction of tokens whose ratio was clipped)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss_tok = -torch.min(ratio * advantages, clipped * advantages)
+    denominator = mask.sum().clamp(min=1)
+    kl = torch.zeros((), device=logp.device)
+    if beta > 0:
+        delta = ref_logp - logp
+        kl_tok = torch.exp(delta) - delta - 1  # k3: an unbiased, non-negative estimate of KL(pi || ref)
+        loss_tok = loss_tok + beta * kl_tok
+        kl = (kl_tok * mask).sum() / denominator
+    # a token is clipped when the clip, not the ratio, sets its term of the min
+    was_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    clip_fraction = (was_clipped.float() * mask).sum() / denominator
+    return (loss_tok * mask).sum() / denominator, kl.detach(), clip_fraction.detach()
+
+
+# -----------------------------------------------------------------------------
+# python model.py merge ADAPTER_DIR OUT_DIR: fold a LoRA adapter into its base and write a full checkpoint
+# in LLaDA's layout (what d1 does between SFT and diffu-GRPO)
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter folder into its base model.")
+    parser.add_argument("command", choices=["merge"], help="what to do")
+    parser.add_argument("adapter", help="adapter folder (adapter_config.json names the base)")
+    parser.add_argument("out", help="where the merged checkpoint is written")
+    args = parser.parse_args()
+    if not is_adapter(args.adapter):
+        raise SystemExit(f"{args.adapter} has no {ADAPTER_CONFIG_NAME}: not a LoRA adapter folder")
+    save_model(load_model(args.adapter), load_tokenizer(args.adapter), args.out)
+    print(f"merged {args.adapter} into {adapter_base(args.adapter)} -> {args.out}")

@@ -60,7 +60,7 @@ parser.add_argument("--micro-batch-size", type=int, default=None,
 parser.add_argument("--max-steps", type=int, default=300, help="optimiser steps")
 parser.add_argument("--max-seconds", type=float, default=0, help="also stop after this much training time; 0 = off")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up")
+parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant", "linear"], help="after warm-up")
 parser.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
@@ -98,7 +98,8 @@ if args.model in M.PRESETS:
     model = M.build_model(args.model, tokenizer, seed=args.seed)
 elif os.path.isdir(args.model):
     tokenizer = M.load_tokenizer(args.model)
-    model = M.load_model(args.model)
+    # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
+    model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and args.lora_r > 0 else torch.float32)
 else:
     raise SystemExit(f"--model {args.model!r} is neither a checkpoint folder nor a preset ({', '.join(M.PRESETS)})")
 if args.lora_r > 0:
@@ -161,7 +162,11 @@ def collate(indices):
 
 
 # held-out examples for the accuracy printed during and after training
-eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+eval_examples = []
+if args.eval_examples > 0 and args.task == "s1k":
+    ddp.print0("s1k has no test set: no held-out accuracy during SFT (run evaluate.py on a d1 task afterwards)")
+elif args.eval_examples > 0:
+    eval_examples = test_examples(args.task, args.data_dir, args.eval_examples)
 eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
 
 # -----------------------------------------------------------------------------
@@ -253,6 +258,7 @@ for step in range(start_step, args.max_steps):
     if args.save_every > 0 and (step + 1) % args.save_every == 0:
         save(step + 1)
 bar.close()
+ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------
 # Final model: LLaDA's layout (or the adapter folder), plus a last resumable checkpoint

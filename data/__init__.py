@@ -14,7 +14,9 @@ Every record is a dict with
 - "ground_truth": the reference in d1's generations-JSON format (gsm8k a float, countdown
   [numbers, target], sudoku the 16-digit solution, math500 the answer string),
 - the reward columns, named as in d1: gsm8k/math500 "answer"; countdown "numbers", "target";
-  sudoku and tiny_sudoku "puzzle", "solution".
+  sudoku and tiny_sudoku "puzzle", "solution";
+- tiny_sudoku only, "canvas": the completion with its fixed characters written and CANVAS_BLANK where
+  the model must fill in (the sampler starts from it instead of an all-[MASK] completion).
 
 style="train" gives d1's training prompts (answers in <answer> tags), style="eval" d1's evaluation
 prompts (answers in \\boxed{}, generation prefilled with "<reasoning>"). tiny_sudoku has a single
@@ -25,7 +27,7 @@ read in file order and `limit` keeps the first records.
 """
 
 from data.countdown import countdown_examples
-from data.sudoku import TINY_NUM_SFT_GRIDS, sudoku_examples, tiny_sudoku_examples
+from data.sudoku import CANVAS_BLANK, TINY_NUM_SFT_GRIDS, sudoku_examples, tiny_sudoku_examples
 from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
 
 TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")

@@ -229,6 +229,7 @@ def sudoku_examples(split, *, data_dir, style, limit, seed):
 # tiny_sudoku: the laptop task (NOTES.md, "YES with a coverage split")
 
 TINY_SUDOKU_BLANKS = (6, 10)
+CANVAS_BLANK = "_"  # a canvas character the sampler must fill (one token of the character tokenizer)
 TINY_NUM_SFT_GRIDS = 16
 TINY_DEFAULT_LIMITS = {"sft": 20000, "rl": 20000, "test": 500}
 
@@ -239,7 +240,9 @@ def tiny_sudoku_examples(split, *, limit, seed, num_sft_grids=TINY_NUM_SFT_GRIDS
     seed derived from `seed`, so the three never share a random stream.
 
     The prompt is the bare puzzle as 4 rows of digits ('0' = blank), no system prompt, no prefill;
-    the completion is the solution as 4 rows.
+    the completion is the solution as 4 rows. The task is infilling: the "canvas" is the completion with
+    the given cells already written and the blanks as CANVAS_BLANK, so the sampler fills only the blanks
+    and GRPO's actions are the blank cells alone.
     """
     train_grids, test_grids = split_grids()
     if not 1 <= num_sft_grids <= len(train_grids):
@@ -255,4 +258,5 @@ def tiny_sudoku_examples(split, *, limit, seed, num_sft_grids=TINY_NUM_SFT_GRIDS
         records.append(make_record(
             user_content=question, style="train", sft_text=rows_text(solution),
             question=question, ground_truth=solution, puzzle=puzzle, solution=solution))
+        records[-1]["canvas"] = question.replace(EMPTY, CANVAS_BLANK)
     return records

@@ -1,0 +1,200 @@
+"""
+Guards evaluation, `evaluate.py`: run as a subprocess on tiny checkpoints, and `evaluate_examples` in process.
+
+- `python evaluate.py --model DIR... --task tiny_sudoku --limit 16 --output-dir OUT` writes exactly one
+  `*_0_generations.json` per model in d1's format (a generations list of question, prompt_input,
+  generations, ground_truth, in test-set order) plus the settings (gen_length, steps, block_length) and the
+  metrics; rescoring the file (evaluate.rescore) gives the accuracy and counts the run printed, and the file
+  alone is enough to score (its ground truths as generations score 100%);
+- under 2 gloo ranks the same command writes one file per model whose generations are identical to the
+  one-process file, in the same order;
+- several models in one call print a comparison table with one column per model, also when two model
+  folders share a name (out/seed0/grpo, out/seed1/grpo);
+- user errors: a missing model folder, --rescore on a folder without generation files;
+- evaluate_examples: with left padding and its attention mask, a prompt's greedy completion does not depend
+  on the other prompts of its batch (without the mask it does, for the same model).
+"""
+
+import copy
+import glob
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import evaluate
+import model as M
+from generate import generate
+from helpers import assert_clean_error, digit_checkpoint, run_script, tiny_checkpoint
+
+LIMIT = 16
+ITEM_KEYS = {"question", "prompt_input", "generations", "ground_truth"}
+TABLE_ROW = re.compile(r"^(?P<setup>\S+)\s+(?P<accuracy>\d+\.\d+)%\s+(?P<correct>\d+)/(?P<total>\d+)\s", re.M)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two checkpoints with different outputs: the random tiny preset and the digit writer."""
+    root = tmp_path_factory.mktemp("models")
+    return tiny_checkpoint(root / "tiny"), digit_checkpoint(root / "digits")
+
+
+def evaluate_cli(models, out, nproc=1):
+    return run_script("evaluate.py", "--model", *models, "--task", "tiny_sudoku", "--limit", LIMIT,
+                      "--output-dir", out, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def one_process(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "one"
+    return out, evaluate_cli(models, out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "two"
+    return out, evaluate_cli(models, out, nproc=2)
+
+
+def files_by_model(out, models):
+    """{model folder name: its one generations file}; fails on any other file."""
+    files = sorted(glob.glob(os.path.join(out, "*_generations.json")))
+    found = {}
+    for model_path in models:
+        name = os.path.basename(model_path)
+        mine = [f for f in files if os.path.basename(f).startswith(f"tiny_sudoku_{name}_")]
+        assert len(mine) == 1, f"{name}: {mine} among {files}"
+        assert mine[0].endswith("_0_generations.json")
+        found[name] = mine[0]
+    assert sorted(found.values()) == files, files
+    return found
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_one_generations_file_per_model_in_d1_format(models, one_process):
+    out, _ = one_process
+    examples = evaluate.test_examples("tiny_sudoku", "data/files", LIMIT)
+    tokenizer = M.load_tokenizer(models[0])
+    for name, path in files_by_model(out, models).items():
+        data = load(path)
+        items = data["generations"]
+        assert len(items) == LIMIT
+        for item, example in zip(items, examples):
+            assert set(item) >= ITEM_KEYS and all(isinstance(item[k], str) for k in ITEM_KEYS)
+            assert item["question"] == example["question"]  # test-set order
+            assert item["ground_truth"] == example["ground_truth"]
+            assert item["prompt_input"] == tokenizer.decode(
+                M.encode_prompt(tokenizer, example["prompt"], example["prefill"]))
+        defaults = evaluate.EVAL_DEFAULTS["tiny_sudoku"]
+        for key in ("gen_length", "steps", "block_length"):
+            assert data[key] == defaults[key]
+        assert data["metrics"]["count"] == LIMIT and 0.0 <= data["metrics"]["accuracy"] <= 1.0
+        assert f"_{data['gen_length']}_{data['steps']}_0_generations.json" in path
+
+
+def test_rescoring_the_file_gives_the_printed_accuracy(models, one_process, tmp_path):
+    out, run = one_process
+    printed = {m["setup"]: m for m in TABLE_ROW.finditer(run.stdout)}
+    for name, path in files_by_model(out, models).items():
+        setup = os.path.basename(path)[: -len("_0_generations.json")]
+        assert setup in printed, f"no table row for {setup} in:\n{run.stdout}"
+        (row,) = evaluate.rescore([path])
+        assert abs(float(printed[setup]["accuracy"]) - row["accuracy"]) <= 0.005
+        assert (int(printed[setup]["correct"]), int(printed[setup]["total"])) == (row["correct"], row["total"])
+        assert row["count"] == LIMIT and row["files"] == 1
+        assert row["accuracy"] == pytest.approx(100 * load(path)["metrics"]["accuracy"])
+        # the file holds what scoring needs: its ground truths, as generations, score 100%
+        data = load(path)
+        for item in data["generations"]:
+            item["generations"] = item["ground_truth"]
+        perfect = tmp_path / name / os.path.basename(path)
+        perfect.parent.mkdir()
+        perfect.write_text(json.dumps(data))
+        assert evaluate.rescore([str(perfect)])[0]["accuracy"] == 100.0
+
+
+def test_two_ranks_write_the_same_generations_in_the_same_order(models, one_process, two_ranks):
+    (one, _), (two, _) = one_process, two_ranks
+    one_files, two_files = files_by_model(one, models), files_by_model(two, models)
+    for name in one_files:
+        a, b = load(one_files[name]), load(two_files[name])
+        assert b["world_size"] == 2
+        assert a["generations"] == b["generations"]
+    # the order is checked with teeth: the random model's completions are not all the same
+    tiny = load(one_files[os.path.basename(models[0])])["generations"]
+    assert len({item["generations"] for item in tiny}) > 1
+
+
+def test_several_models_print_one_column_each(models, one_process):
+    out, run = one_process
+    lines = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("held-out accuracy (%) on tiny_sudoku"))
+    names = [n.strip() for n in lines[header + 1].split("|")]
+    values = [float(v) for v in lines[header + 2].split("|")]
+    assert names == [os.path.basename(m) for m in models]
+    files = files_by_model(out, models)
+    for name, value in zip(names, values):
+        assert value == pytest.approx(100 * load(files[name])["metrics"]["accuracy"], abs=0.05)
+
+
+def test_models_with_the_same_folder_name_keep_separate_results(models, tmp_path):
+    """`--model out/seed0/grpo out/seed1/grpo` (run_tiny.sh's OUT=out/seed1 layout): two models, two files,
+    two columns. Fails while the file name and the column key are the folder's base name alone (the second
+    model overwrites the first's file and column; see the report)."""
+    first, second = tmp_path / "seed0" / "grpo", tmp_path / "seed1" / "grpo"
+    shutil.copytree(models[0], first)
+    shutil.copytree(models[1], second)
+    out = tmp_path / "eval"
+    run = run_script("evaluate.py", "--model", first, second, "--task", "tiny_sudoku", "--limit", 2,
+                     "--output-dir", out)
+    files = glob.glob(os.path.join(out, "*_generations.json"))
+    assert len(files) == 2, f"two models, {len(files)} generation file(s): {files}"
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("held-out accuracy (%)") for line in lines), run.stdout
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    run = run_script("evaluate.py", "--model", missing, "--output-dir", tmp_path / "out", expect_ok=False)
+    assert_clean_error(run, str(missing), "not a folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rescore_without_generation_files_errors(tmp_path):
+    run = run_script("evaluate.py", "--rescore", tmp_path, expect_ok=False)
+    assert run.returncode != 0
+    assert f"{tmp_path} holds no *_generations.json file" in run.output, run.describe()
+
+
+# -----------------------------------------------------------------------------
+# evaluate_examples in process
+
+
+def test_completion_is_independent_of_batch_companions(tokenizer):
+    model = M.build_model("tiny", tokenizer, seed=0).eval()
+    examples = evaluate.test_examples("tiny_sudoku", "data/files", 2)
+    longer = copy.deepcopy(examples[1])
+    longer["prompt"][0]["content"] += "\n1234\n4321\n1111"  # 15 more tokens: the first prompt gets left-padded
+    settings = dict(gen_length=20, steps=20, block_length=20, batch_size=4, progress=False)
+    alone = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples[:1], **settings)
+    together = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", [examples[0], longer], **settings)
+    assert together["count"] == 2 and len(together["completions"]) == 2
+    assert alone["completions"][0] == together["completions"][0]
+
+    # the mask is what makes it so: the same padded batch without it changes the first completion
+    prompts = [M.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in (examples[0], longer)]
+    ids, attention_mask = evaluate.left_pad(prompts, tokenizer.eos_token_id, "cpu")
+    assert attention_mask is not None and attention_mask[0].sum() == len(prompts[0]) < ids.shape[1]
+    assert torch.equal(ids[0, -len(prompts[0]):], torch.tensor(prompts[0]))
+    unmasked = generate(model, ids, 20, 20, 20, 0.0, mask_id=M.mask_token_id(tokenizer))
+    stop_ids = M.stop_token_ids(tokenizer)
+    row = unmasked[0, ids.shape[1]:].tolist()
+    row = row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
+    assert tokenizer.decode(row) != alone["completions"][0]

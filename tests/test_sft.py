@@ -1,0 +1,282 @@
+"""
+Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
+
+- the loss path end to end: the run finishes and writes the final model in LLaDA's layout (config.json,
+  model.safetensors, tokenizer files, training_args.json) to --out-dir, a resumable checkpoint-XXXXXX folder
+  holding the same weights, and metrics.jsonl with one record per step (and the held-out accuracy on the
+  last step);
+- distributed: `torchrun --nproc_per_node=2 sft.py` keeps the parameters identical on both ranks, reaches the
+  parameters of one process that uses the same micro-batches, and (the docstring's promise, "the same run
+  over 2 CPU processes") the parameters of the plain one-process command with the same global batch;
+- exact resume: a run killed with SIGKILL after its first checkpoint, whose out-dir also holds a
+  half-written `.tmp-checkpoint-*` folder (a kill during a save), resumed with --resume, ends bitwise
+  equal to the uninterrupted run, and its metrics.jsonl holds each step once;
+- LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
+  logits; LoRA on a preset (random weights) is refused;
+- --max-seconds stops early and still writes the final model;
+- user errors (a batch that does not split, an unknown --model) exit non-zero with a message.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import model as M
+from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error, checkpoints,
+                     command, max_difference, parameters, read_metrics, run_script, script_env, tiny_checkpoint)
+
+MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
+TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
+RECORD_KEYS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s")
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """The plain one-process run: the reference of the distributed and resume tests."""
+    out = tmp_path_factory.mktemp("sft") / "one_rank"
+    return out, run_script("sft.py", *TINY, "--out-dir", out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The same command over 2 gloo ranks: micro-batches of 4 (batch 8 / 2 ranks)."""
+    out = tmp_path_factory.mktemp("sft") / "two_ranks"
+    return out, run_script("sft.py", *TINY, "--out-dir", out, nproc=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("sft") / "tiny")
+
+
+# -----------------------------------------------------------------------------
+# The loss path
+
+
+def test_run_writes_final_model_checkpoint_and_metrics(one_rank):
+    out, run = one_rank
+    for name in LLADA_LAYOUT + ("training_args.json",):
+        assert (out / name).is_file(), f"{name} missing from the final model folder"
+    with open(out / "training_args.json") as f:
+        training_args = json.load(f)
+    assert training_args["max_steps"] == MAX_STEPS and training_args["batch_size"] == 8
+    assert "args: {" in run.stdout  # the arguments are printed at start
+
+    # the final model loads back (weights and tokenizer), and training moved it from its random init
+    final = parameters(out)
+    tokenizer = M.load_tokenizer(str(out))
+    start = dict(M.build_model("tiny", tokenizer, seed=0).named_parameters())
+    assert max_difference(final, start) > 0
+
+    # the newest resumable checkpoint is the final state: step MAX_STEPS, the same weights
+    names = checkpoints(out)
+    assert names and names[-1] == f"{M.CHECKPOINT_PREFIX}{MAX_STEPS:06d}", names
+    checkpoint = out / names[-1]
+    with open(checkpoint / "state.json") as f:
+        assert json.load(f)["step"] == MAX_STEPS
+    assert (checkpoint / "trainer_state.pt").is_file()
+    assert_bitwise_equal(parameters(checkpoint / "model"), final)
+
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
+    for record in records:
+        for key in RECORD_KEYS:
+            assert key in record, f"{key} missing from {record}"
+            assert torch.isfinite(torch.tensor(float(record[key]))), record
+        assert record["loss"] > 0 and record["grad_norm"] > 0 and record["tok_per_s"] > 0 and record["dt_ms"] > 0
+    assert "eval_accuracy" in records[-1] and 0.0 <= records[-1]["eval_accuracy"] <= 1.0
+    assert all("eval_accuracy" not in r for r in records[:-1])  # --eval-every 100: only the last step
+
+
+# -----------------------------------------------------------------------------
+# Two ranks
+
+
+def test_two_ranks_keep_parameters_identical(two_ranks):
+    out, run = two_ranks
+    assert "parameters identical on all 2 ranks" in run.output
+    assert (out / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))  # rank 0 alone logs
+
+
+def test_two_ranks_equal_one_rank_with_the_same_micro_batches(two_ranks, tmp_path):
+    """One process with micro-batches of 4 (2 accumulated) sees the micro-batches the 2 ranks see, with the
+    same masks: gradient averaging over ranks must give the parameters of local accumulation."""
+    out, _ = two_ranks
+    local = tmp_path / "one_rank_micro4"
+    run_script("sft.py", *TINY, "--micro-batch-size", 4, "--eval-examples", 0, "--save-every", 0, "--out-dir", local)
+    assert max_difference(parameters(out), parameters(local)) <= 1e-5
+
+
+def test_two_ranks_equal_the_plain_one_rank_command(one_rank, two_ranks):
+    """sft.py's docstring: `torchrun --nproc_per_node=2 sft.py` is "the same run" as `python sft.py`, the
+    masks being drawn "so that a run is the same at any world size". With the default micro-batch
+    (batch / world size) the micro-batches, and so the masks drawn per micro-batch, change with the world
+    size: this fails until the masks are drawn per example (see the report)."""
+    (one, _), (two, _) = one_rank, two_ranks
+    difference = max_difference(parameters(one), parameters(two))
+    assert difference <= 1e-5, f"2 ranks vs 1 rank, same global batch: max |diff| {difference:.3e}"
+
+
+# -----------------------------------------------------------------------------
+# Exact resume
+
+
+def logged_steps(out):
+    """The steps of the complete lines of a live run's metrics.jsonl."""
+    if not (out / "metrics.jsonl").exists():
+        return []
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True):
+        if line.endswith("\n"):
+            steps.append(json.loads(line)["step"])
+    return steps
+
+
+def checkpoint_step(out):
+    with open(out / checkpoints(out)[-1] / "state.json") as f:
+        return json.load(f)["step"]
+
+
+def past_a_checkpoint(out):
+    """Whether a live run has a checkpoint and has logged a step after it (False while files are in motion)."""
+    try:
+        return bool(checkpoints(out)) and max(logged_steps(out), default=0) > checkpoint_step(out)
+    except (FileNotFoundError, json.JSONDecodeError):  # a checkpoint replaced between listing and reading
+        return False
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """The TINY command killed with SIGKILL after its first checkpoint, once it logged a later step; a
+    half-written save planted beside its checkpoints; then the same command with --resume.
+    Returns (out-dir, step resumed from, resumed run)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    out = tmp / "killed"
+    with open(tmp / "killed.log", "w") as log:
+        proc = subprocess.Popen(command("sft.py", TINY + ["--out-dir", out]), cwd=ROOT, env=script_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + RUN_TIMEOUT_S
+            # kill mid-run: once a checkpoint exists and a later step has been logged
+            while not past_a_checkpoint(out):
+                assert proc.poll() is None, "the run ended before a step past its first checkpoint"
+                assert time.time() < deadline, "no checkpoint in time"
+                time.sleep(0.002)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: nothing was interrupted"
+    assert not (out / "model.safetensors").exists()
+    newest = out / checkpoints(out)[-1]
+    killed_at = checkpoint_step(out)
+    assert killed_at < max(logged_steps(out)) < MAX_STEPS
+
+    # a save cut short by a kill: a temporary folder with a truncated weights file and state
+    half = out / f".tmp-{M.CHECKPOINT_PREFIX}k1ll3d"
+    (half / "model").mkdir(parents=True)
+    weights = (newest / "model" / "model.safetensors").read_bytes()
+    (half / "model" / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    (half / "model" / "config.json").write_bytes((newest / "model" / "config.json").read_bytes())
+    (half / "trainer_state.pt").write_bytes((newest / "trainer_state.pt").read_bytes()[:100])
+    (half / "state.json").write_text('{"step": 9')
+
+    run = run_script("sft.py", *TINY, "--out-dir", out, "--resume")
+    assert f"resumed from {newest} at step {killed_at}" in run.output
+    assert not half.exists(), "the leftover of the killed save was not cleaned up by the next save"
+    return out, killed_at, run
+
+
+def test_resume_after_sigkill_and_half_written_save_is_bitwise_exact(one_rank, killed_and_resumed):
+    (reference, _), (out, _, _) = one_rank, killed_and_resumed
+    assert_bitwise_equal(parameters(out), parameters(reference))
+
+
+def test_metrics_after_a_resume_hold_one_record_per_step(killed_and_resumed):
+    """The killed run logged steps past its last checkpoint; the resumed run recomputes them. metrics.jsonl,
+    which a plot reads, must not hold those steps twice (fails until the resume drops them; see the report)."""
+    out, killed_at, _ = killed_and_resumed
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, MAX_STEPS + 1)), f"resumed at step {killed_at}; steps logged: {steps}"
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
+    out = tmp_path / "lora"
+    run_script("sft.py", "--model", tiny_base, "--lora-r", 4, "--lora-alpha", 8, "--max-steps", 3, "--batch-size", 8,
+               "--num-examples", 32, "--eval-examples", 0, "--save-every", 0, "--lr", 1e-2, "--warmup-steps", 1,
+               "--out-dir", out)
+    assert M.is_adapter(str(out)) and (out / "adapter_model.safetensors").is_file()
+    with open(out / "adapter_config.json") as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert os.path.samefile(config["base_model_name_or_path"], tiny_base)
+    assert sorted(config["target_modules"]) == sorted(M.LORA_TARGETS)
+
+    base = M.load_model(tiny_base).eval()
+    tuned = M.load_model(str(out)).eval()
+    lora = dict(M.lora_modules(tuned))
+    assert len(lora) == base.cfg.n_layers * len(M.LORA_TARGETS)
+    # PEFT's names and shapes: A (r, in), B (out, r)
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == 2 * len(lora)
+    for name, module in lora.items():
+        a = saved[f"base_model.model.model.transformer.{name}.lora_A.weight"]
+        b = saved[f"base_model.model.model.transformer.{name}.lora_B.weight"]
+        assert a.shape == (4, module.in_features) and b.shape == (module.out_features, 4)
+    # the base weights are untouched; the adapters change the output
+    tuned_base = {n: p for n, p in tuned.named_parameters() if "lora_" not in n}
+    assert_bitwise_equal(tuned_base, dict(base.named_parameters()))
+    tokenizer = M.load_tokenizer(tiny_base)
+    ids = torch.tensor([M.encode_prompt(tokenizer, [{"role": "user", "content": "1200\n0034\n2000\n0001"}])
+                        + [M.mask_token_id(tokenizer)] * 20])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids), base(ids), atol=1e-4)
+    # the resumable checkpoint holds the adapter, not a full model
+    assert (out / checkpoints(out)[-1] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_on_a_preset_is_refused(tmp_path):
+    run = run_script("sft.py", "--model", "tiny", "--lora-r", 4, "--out-dir", tmp_path / "out", expect_ok=False)
+    assert_clean_error(run, "--lora-r")
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Time budget and user errors
+
+
+def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
+    out = tmp_path / "timed"
+    run = run_script("sft.py", "--max-steps", 1000, "--max-seconds", 1, "--batch-size", 8, "--num-examples", 64,
+                     "--eval-examples", 8, "--save-every", 0, "--out-dir", out)
+    records = read_metrics(out)
+    steps = len(records)
+    assert 1 <= steps < 1000
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert "eval_accuracy" in records[-1]  # the early stop is a last step: it evaluates
+    for name in LLADA_LAYOUT:
+        assert (out / name).is_file()
+    assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{steps:06d}"
+    assert f"done: {steps} steps" in run.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--batch-size", 6, "--micro-batch-size", 4], ["--batch-size 6", "micro-batch-size x world size", "4 x 1"]),
+    (["--model", "{tmp}/no-such-checkpoint"], ["{tmp}/no-such-checkpoint", "checkpoint folder"]),
+], ids=["batch-does-not-split", "unknown-model"])
+def test_user_errors_exit_with_a_message(tmp_path, args, fragments):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    run = run_script("sft.py", *args, "--out-dir", tmp_path / "out", expect_ok=False)
+    assert_clean_error(run, *[f.replace("{tmp}", str(tmp_path)) for f in fragments])
