@@ -268,6 +268,17 @@ def test_examples(task, data_dir, limit=None):
     return examples[:limit] if limit is not None else examples
 
 
+def model_names(paths):
+    """Short distinct names for checkpoint folders: the last path component, or as many of the last ones
+    as it takes to tell them apart (out/seed0/grpo and out/seed1/grpo -> seed0/grpo, seed1/grpo)."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return names
+
+
 def write_generations(path, examples, result, tokenizer, settings):
     """One file in d1's generations JSON format, plus the settings, metrics and wall time."""
     items = [{"question": ex["question"],
@@ -302,7 +313,10 @@ if __name__ == "__main__":
                         help="score generation files (or folders of *_generations.json) instead of generating")
     args = parser.parse_args()
     if args.rescore:
-        print(format_table(rescore(args.rescore)))
+        try:
+            print(format_table(rescore(args.rescore)))
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"--rescore: {err}") from None
         raise SystemExit(0)
     if not args.model:
         parser.error("--model is required (or --rescore)")
@@ -320,14 +334,13 @@ if __name__ == "__main__":
     examples = test_examples(args.task, args.data_dir, args.limit)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     summary = {}
-    for model_path in args.model:
+    for model_path, name in zip(args.model, model_names(args.model)):
         tokenizer = M.load_tokenizer(model_path)
         model = M.load_model(model_path, device, dtype).eval()
         ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
         result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
         del model
         if rank == 0:
-            name = os.path.basename(os.path.normpath(model_path))
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
             path = os.path.join(args.output_dir,
                                 f"{args.task}_{tag}_{gen_length}_{settings['steps']}_0_generations.json")

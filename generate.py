@@ -84,6 +84,7 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                 logits = model(x, attention_mask)
             # only the current block can be committed: everything below works on it alone
             logits = logits[:, start:end].double()  # (B, block_length, V)
+            logits[..., mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
             if temperature > 0:
                 u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
                 gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))

@@ -72,6 +72,9 @@ class ModelConfig:
         kwargs = {k: v for k, v in cfg.items() if k in fields and v is not None}
         if "n_kv_heads" not in kwargs or kwargs.get("n_kv_heads") is None:
             kwargs["n_kv_heads"] = kwargs.get("n_heads", cls.n_heads)
+        if "mlp_hidden_size" not in kwargs:  # LLaDA's block: mlp_hidden_size, else mlp_ratio * d_model
+            kwargs["mlp_hidden_size"] = (cfg.get("mlp_ratio") or 4) * kwargs.get("d_model", cls.d_model)
+        kwargs.setdefault("rope_theta", 10000.0)  # LLaDAConfig's default when config.json omits it
         if "embedding_size" not in kwargs:
             kwargs["embedding_size"] = kwargs.get("vocab_size", cls.vocab_size)
         return cls(**kwargs)
@@ -446,7 +449,7 @@ def merged_state(model):
             if pname in ("lora_A", "lora_B"):
                 continue
             t = p.detach()
-            if isinstance(module, LoRALinear) and pname == "weight":
+            if isinstance(module, LoRALinear) and pname == "weight" and module.lora_enabled:
                 t = t + module.delta_weight().to(t.dtype)
             state[f"{name}.{pname}" if name else pname] = t
     return state
@@ -518,13 +521,14 @@ class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank update. It keeps the base `weight` under its own name, so that the
     base checkpoint table does not change when adapters are added."""
 
-    def add_adapter(self, r, alpha, dropout):
+    def add_adapter(self, r, alpha, dropout, generator=None):
         self.r, self.scaling = r, alpha / r
         self.lora_dropout = nn.Dropout(dropout)
         # adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose small steps
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device, dtype=torch.float32))
+        lora_A = torch.empty(r, self.in_features, dtype=torch.float32)  # drawn on the CPU from add_lora's generator
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)  # PEFT's default init of A
+        self.lora_A = nn.Parameter(lora_A.to(self.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
         self.lora_enabled = True
 
     def delta_weight(self):
@@ -544,14 +548,14 @@ def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     bad = set(targets) - set(LORA_TARGETS)
     if bad:
         raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
-    torch.manual_seed(seed)  # A's init; B starts at zero so the model is unchanged
+    generator = torch.Generator().manual_seed(seed)  # A's init; B starts at zero so the model is unchanged
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:
         for name in targets:
             linear = getattr(block, name)
             linear.__class__ = LoRALinear
-            linear.add_adapter(r, alpha, dropout)
+            linear.add_adapter(r, alpha, dropout, generator)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets)}
     return model
 
@@ -603,7 +607,10 @@ def save_adapter(model, path, base_model_name_or_path, extra_files=None):
               "lora_dropout": c["lora_dropout"], "target_modules": c["target_modules"], "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "modules_to_save": None, "base_model_name_or_path": os.path.abspath(base_model_name_or_path)
-              if os.path.isdir(base_model_name_or_path) else base_model_name_or_path}
+              if os.path.isdir(base_model_name_or_path) else base_model_name_or_path,
+              # PEFT matches target names by suffix: without a layer pattern "ff_out" would also catch the
+              # LM head (model.transformer.ff_out); adapters live inside the blocks only
+              "layers_pattern": "blocks", "layers_to_transform": list(range(model.cfg.n_layers))}
     with files_into(path) as tmp:
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
@@ -651,16 +658,17 @@ def load_adapter(model, path):
 # Masked-diffusion primitives shared by SFT and diffu-GRPO
 
 
-def forward_mask(input_ids, prompt_lengths, mask_id, eps=1e-3, generator=None):
+def forward_mask(input_ids, prompt_lengths, mask_id, eps=1e-3, generator=None, noise=None):
     """LLaDA's forward process for SFT. Per sequence t ~ U(0, 1), p = (1 - eps) t + eps; each response
     token is replaced by [MASK] with probability p; prompt tokens never are.
-    Returns (noisy_ids (B, L), masked (B, L) bool, p (B, 1))."""
+    The uniforms come from `noise` = (t (B,), u (B, >= L)) when the caller draws them (sft.py draws them for
+    its whole global batch, so that a row's mask does not depend on how the batch is split over ranks),
+    else from `generator`, on the CPU. Returns (noisy_ids (B, L), masked (B, L) bool, p (B, 1))."""
     B, L = input_ids.shape
     device = input_ids.device
-    # noise drawn on the CPU from a seeded generator: the same masks on any device and world size
-    t = torch.rand(B, generator=generator).to(device)
+    t, u = noise if noise is not None else (torch.rand(B, generator=generator), torch.rand(B, L, generator=generator))
+    t, u = t.to(device), u[:, :L].to(device)
     p = ((1 - eps) * t + eps)[:, None]  # (B, 1)
-    u = torch.rand(B, L, generator=generator).to(device)
     is_response = torch.arange(L, device=device)[None, :] >= prompt_lengths[:, None]
     masked = (u < p) & is_response
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)

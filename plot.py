@@ -24,17 +24,19 @@ try:
 except ImportError:
     raise SystemExit("plot.py needs matplotlib, an optional dependency: pip install matplotlib") from None
 
+from evaluate import model_names
+
 fig, (ax_reward, ax_accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
-for path in args.metrics:
+labels = model_names([os.path.dirname(os.path.abspath(path)) for path in args.metrics])
+for path, label in zip(args.metrics, labels):
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist (grpo.py writes metrics.jsonl into its --out-dir)")
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    if not records or "reward" not in records[0]:
+    evaluated = [(r["step"], 100 * r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    records = [r for r in records if "reward" in r]
+    if not records:
         raise SystemExit(f"{path} has no GRPO records (one JSON object per step with a 'reward')")
-    label = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    if len(args.metrics) > 1:
-        label = os.path.relpath(os.path.dirname(os.path.abspath(path)))
     steps = [r["step"] for r in records]
     rewards = [r["reward"] for r in records]
     window = max(1, args.smooth)
@@ -42,7 +44,6 @@ for path in args.metrics:
                 for i in range(len(rewards))]
     line, = ax_reward.plot(steps, smoothed, label=label)
     ax_reward.plot(steps, rewards, color=line.get_color(), alpha=0.25, linewidth=0.8)
-    evaluated = [(r["step"], 100 * r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
     if evaluated:
         ax_accuracy.plot(*zip(*evaluated), marker="o", color=line.get_color(), label=label)
 ax_reward.set(xlabel="step", ylabel="mean reward of the rollouts", title=f"reward ({args.smooth}-step average)")

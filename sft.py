@@ -118,7 +118,7 @@ ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.nume
 
 split = args.split or ("sft" if args.task == "tiny_sudoku" else "train")
 examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
-if any(ex["completion"] is None for ex in examples[:1]):
+if not examples or examples[0]["completion"] is None:
     raise SystemExit(f"task {args.task} split {split} has no SFT completions")
 sequences, dropped, truncated = [], 0, 0
 for ex in examples:
@@ -135,18 +135,6 @@ if not sequences:
     raise SystemExit(f"no example fits --max-seq-length {args.max_seq_length}")
 ddp.print0(f"data: {args.task}/{split} {len(sequences)} examples ({dropped} dropped, {truncated} truncated as "
            f"longer than {args.max_seq_length} tokens)")
-
-
-def global_batch(step):
-    """The examples of optimiser step `step`: consecutive slices of a permutation drawn per epoch from
-    (seed, epoch). A pure function of the step, so resuming needs no data-loader state."""
-    start = step * args.batch_size
-    indices = []
-    while len(indices) < args.batch_size:
-        epoch, offset = divmod(start + len(indices), len(sequences))
-        order = torch.randperm(len(sequences), generator=ddp.generator(args.seed, epoch))
-        indices += order[offset: offset + args.batch_size - len(indices)].tolist()
-    return indices
 
 
 def collate(indices):
@@ -186,6 +174,8 @@ if checkpoint:
     ddp.print0(f"resumed from {checkpoint} at step {start_step}")
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+if checkpoint:
+    ddp.truncate_jsonl(metrics_path, start_step)  # steps a killed run logged past its checkpoint rerun now
 
 
 def save(step):
@@ -218,13 +208,19 @@ for step in range(start_step, args.max_steps):
     lr = ddp.learning_rate(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batch = global_batch(step)
+    batch = ddp.step_indices(step, args.batch_size, len(sequences), args.seed)  # the global batch
+    # the masking noise of the whole global batch, from (seed, step): every rank draws the same, so a
+    # row's mask is the same whatever the world size and micro-batch size
+    g = ddp.generator(args.seed, step)
+    t_noise = torch.rand(args.batch_size, generator=g)
+    u_noise = torch.rand(args.batch_size, max(sum(map(len, sequences[i])) for i in batch), generator=g)
     loss_sum, tokens = 0.0, 0
-    # micro-batch j of the global batch belongs to rank j % world_size; its masks come from (seed, step, j)
+    # micro-batch j of the global batch belongs to rank j % world_size
     for j in range(rank, args.batch_size // micro, world_size):
-        input_ids, prompt_lengths = collate(batch[j * micro:(j + 1) * micro])
+        rows = slice(j * micro, (j + 1) * micro)
+        input_ids, prompt_lengths = collate(batch[rows])
         noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, mask_id, args.mask_eps,
-                                          ddp.generator(args.seed, step, j))
+                                          noise=(t_noise[rows], u_noise[rows]))
         with ddp.autocast(device):
             logits = model(noisy)  # (B, L, V)
         loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths)

@@ -1,7 +1,7 @@
 """
 Shared fixtures of the test suite: the offline tiny tokenizer and a factory of small random models
 built from the real model.py class. Also makes the repository root importable, so that
-`python -m pytest tests` works from the root.
+`python -m pytest tests` works from the root, and runs torch on one thread.
 """
 
 import os
@@ -15,6 +15,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
+
+# One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine a second
+# thread that is not scheduled stalls every parallel op (measured: 16 ms per 32x32 matmul under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

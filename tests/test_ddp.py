@@ -5,7 +5,9 @@ Guards ddp.py, the hand-written distributed layer.
   DIFFERENT batch; after all_reduce_gradients every rank holds the mean of both ranks' local gradients
   (in one bucket and in many), and after an optimiser step the parameters are identical on both ranks;
   broadcast_parameters, all_reduce_mean, all_reduce_sum, any_rank, gather_objects, shard and print0 behave;
-- a single process without RANK: init returns (0, 1, device) and every helper is a no-op.
+  and both processes exit cleanly after cleanup();
+- a single process without RANK: init returns (0, 1, device) and every helper is a no-op;
+- the pure helpers: derived seeds and generators, the learning-rate schedule, RNG state round trip.
 """
 
 import json
@@ -88,7 +90,8 @@ def test_two_process_gloo(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(worker), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert all((tmp_path / f"rank{rank}.json").exists() for rank in range(2)), output
     outs = []
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
@@ -107,6 +110,11 @@ def test_two_process_gloo(tmp_path):
     assert outs[0]["checksums"] == outs[1]["checksums"]
     assert outs[0]["shard"] == [0, 2, 4, 6] and outs[1]["shard"] == [1, 3, 5]
     assert result.stdout.count("print0 from rank") == 1 and "print0 from rank 0" in result.stdout
+    # Both ranks did all their work; the run must also exit cleanly. A known failure (a few % of runs with
+    # torch 2.13): a gloo worker thread still freeing the last collectives' tensors needs the GIL after the
+    # interpreter began finalising, and aborts the process ("terminate called without an active exception",
+    # SIGABRT) after ddp.cleanup() returned.
+    assert result.returncode == 0, output
 
 
 def test_single_process_without_rank(monkeypatch, capsys):
@@ -142,3 +150,21 @@ def test_seeding_and_rng_state_round_trip():
     a = torch.rand(3)
     ddp.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_derived_seeds_and_generators():
+    assert ddp.derive_seed(1, 2, 3) == ddp.derive_seed(1, 2, 3)
+    seeds = {ddp.derive_seed(0, step, example) for step in range(20) for example in range(20)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+    assert ddp.derive_seed(1, 2) != ddp.derive_seed(2, 1)
+    assert torch.equal(torch.rand(4, generator=ddp.generator(7, 1)), torch.rand(4, generator=ddp.generator(7, 1)))
+
+
+def test_learning_rate_schedule():
+    lr = lambda step, schedule: ddp.learning_rate(step, 1e-3, 10, 110, schedule)  # noqa: E731
+    assert lr(0, "cosine") == pytest.approx(1e-4) and lr(9, "cosine") == pytest.approx(1e-3)
+    assert [lr(s, "constant") for s in (10, 50, 110, 500)] == pytest.approx([1e-3] * 4)
+    cosine = [lr(s, "cosine") for s in range(10, 111)]
+    assert cosine[0] == pytest.approx(1e-3) and cosine[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert lr(1000, "cosine") == pytest.approx(1e-4)

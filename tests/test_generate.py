@@ -8,6 +8,7 @@ semi-autoregressive blocks) and its CLI.
   steps per block that do not divide the block length and more steps than tokens;
 - no mask token is left after sampling, not even when the model likes the mask token best;
 - determinism at a fixed generator seed at temperature > 0; the Gumbel noise samples softmax(logits / T);
+- infilling from a canvas (given tokens kept, against the same reference);
 - "random" remasking; left padding hidden by attention_mask; rows independent of their batch;
 - the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end.
 """
@@ -57,8 +58,9 @@ def random_prompts(model, B, Lp, seed):
 # The slow reference sampler
 
 
-def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id):
-    """LLaDA's sampler at temperature 0, one row at a time. For each block, left to right, its masked count
+def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id, canvas=None):
+    """LLaDA's sampler at temperature 0, one row at a time, starting from prompt ++ canvas (canvas: all
+    [MASK] when None). For each block, left to right, its masked count
     n is split over steps / num_blocks steps (n // s each, one more for the first n % s of them). At each
     step: one forward pass (and, with cfg, one with the prompt masked: logits = un + (cfg + 1)(cond - un));
     each still-masked position of the block predicts its argmax with confidence softmax(logits)[argmax];
@@ -67,8 +69,8 @@ def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_s
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     rows = []
-    for prompt in prompt_ids.tolist():
-        x = prompt + [mask_id] * gen_length
+    for row, prompt in enumerate(prompt_ids.tolist()):
+        x = prompt + ([mask_id] * gen_length if canvas is None else canvas[row].tolist())
         for block in range(num_blocks):
             positions = list(range(Lp + block * block_length, Lp + (block + 1) * block_length))
             n = sum(1 for i in positions if x[i] == mask_id)
@@ -113,6 +115,26 @@ def test_greedy_generate_equals_slow_reference(make_model, steps, gen_length, bl
     assert torch.equal(out[:, :prompt_length], prompts)
     assert not (out == mask_id).any()
     assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale, mask_id))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_greedy_infilling_from_a_canvas_equals_slow_reference(make_model, cfg_scale):
+    """canvas: the given tokens are kept, only its masks are sampled, each block's steps split the masks that
+    block has (rows differ: 16, 9, 3 and 0 masks, so rows commit different counts at the same step)."""
+    model = sampler_model(make_model, seed=11)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 4, 4, seed=5)
+    canvas = random_prompts(model, 4, 16, seed=6)
+    for row, masks in enumerate(([*range(16)], [0, 1, 2, 5, 8, 9, 12, 14, 15], [3, 10, 11], [])):
+        canvas[row, masks] = mask_id
+    out = G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id, canvas=canvas)
+    given = canvas != mask_id
+    assert torch.equal(out[:, 4:][given], canvas[given])
+    assert not (out == mask_id).any()
+    assert torch.equal(out, reference_generate(model, prompts, 8, 16, 8, cfg_scale, mask_id, canvas))
+    all_masks = torch.full_like(canvas, mask_id)
+    assert torch.equal(G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id, canvas=all_masks),
+                       G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id))
 
 
 def test_cfg_changes_the_result(make_model):
