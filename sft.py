@@ -57,7 +57,7 @@ parser.add_argument("--lora-targets", default=",".join(M.LORA_TARGETS), help="co
 parser.add_argument("--batch-size", type=int, default=128, help="global batch: examples per optimiser step")
 parser.add_argument("--micro-batch-size", type=int, default=None,
                     help="examples per forward pass on one rank (default: batch-size / world size)")
-parser.add_argument("--max-steps", type=int, default=600, help="optimiser steps")
+parser.add_argument("--max-steps", type=int, default=300, help="optimiser steps")
 parser.add_argument("--max-seconds", type=float, default=0, help="also stop after this much training time; 0 = off")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
 parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant", "linear"], help="after warm-up")
