@@ -194,6 +194,8 @@ if checkpoint:
     optimizer.load_state_dict(state["trainer_state"]["optimizer"])
     ddp.set_rng_state(state["trainer_state"]["rng"][rank])
     ref_adapter = state["trainer_state"].get("ref_adapter")
+    if ref_adapter is not None:
+        ref_adapter = {k: v.to(device) for k, v in ref_adapter.items()}
     if state["trainer_state"].get("ref_model") is not None:
         ref_model.load_state_dict(state["trainer_state"]["ref_model"])
     start_step = state["step"]

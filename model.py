@@ -229,7 +229,8 @@ class LLaDA(nn.Module):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L) over keys
         x = self.wte(input_ids)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # on whenever a backward will follow (GRPO computes its gradients in eval mode: no dropout)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
@@ -748,7 +749,8 @@ def load_trainer_state(path):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
-    state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
+                                        map_location="cpu")  # rank 0 wrote it; every rank reads it
     return state
 
 

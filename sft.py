@@ -82,7 +82,7 @@ args = parser.parse_args()
 rank, world_size, device = ddp.init()
 ddp.seed_everything(args.seed)
 micro = args.micro_batch_size or args.batch_size // world_size
-if args.batch_size % (micro * world_size) != 0:
+if micro == 0 or args.batch_size % (micro * world_size) != 0:
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch-size x world size "
                      f"({micro} x {world_size})")
 accumulation = args.batch_size // (micro * world_size)
