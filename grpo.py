@@ -79,7 +79,7 @@ parser.add_argument("--generation-batch-size", type=int, default=None,
 parser.add_argument("--max-completion-length", type=int, default=None, help="gen_length (task default)")
 parser.add_argument("--block-length", type=int, default=None, help="sampler block length (task default)")
 parser.add_argument("--diffusion-steps", type=int, default=None, help="sampler steps (task default)")
-parser.add_argument("--temperature", type=float, default=0.9, help="rollout temperature (Gumbel noise scale)")
+parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (Gumbel noise scale; d1: 0.9)")
 # diffu-GRPO
 parser.add_argument("--num-iterations", type=int, default=4, help="mu: inner updates per rollout batch (d1: 12)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference")
@@ -95,7 +95,7 @@ parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alph
 # Optimisation (d1: lr 3e-6, betas (0.9, 0.99), weight decay 0.1, max grad norm 0.2)
 parser.add_argument("--max-steps", type=int, default=200, help="rollout batches")
 parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
-parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (d1, 8B with LoRA: 3e-6)")
 parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"], help="after warm-up")
 parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
