@@ -303,9 +303,14 @@ def sync_reference():
 # -----------------------------------------------------------------------------
 # The loop
 
+def held_out_accuracy():
+    """Greedy accuracy on the held-out prompts (evaluate.py's function, sharded over the ranks)."""
+    return evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                             **defaults)["accuracy"]
+
+
 if start_step == 0 and eval_examples:  # the starting point of the accuracy curve
-    accuracy = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
-                                 **defaults)["accuracy"]
+    accuracy = held_out_accuracy()
     ddp.log_jsonl(metrics_path, {"step": 0, "eval_accuracy": accuracy})
     ddp.print0(f"step 00000/{args.max_steps} | held-out {100 * accuracy:.1f}% (the starting checkpoint)")
 bar = tqdm(total=args.max_steps, initial=start_step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
@@ -401,8 +406,7 @@ for step in range(start_step, args.max_steps):
               "tok_per_s": args.prompts_per_step * args.num_generations * gen_length / dt}
     if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last_step:
         if eval_examples:
-            record["eval_accuracy"] = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device,
-                                                        progress=False, **defaults)["accuracy"]
+            record["eval_accuracy"] = held_out_accuracy()
     ddp.log_jsonl(metrics_path, record)
     bar.update(1)
     if rank == 0:
