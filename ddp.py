@@ -126,28 +126,35 @@ def assert_parameters_identical(module):
     print0(f"parameters identical on all {len(sums)} ranks")
 
 
-def all_reduce_mean(metrics: dict, device="cpu"):
+def collective_device():
+    """Where small tensors of metrics must live to be reduced: nccl reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(metrics: dict):
     """Average a dict of floats over ranks (every rank must pass the same keys)."""
     if not is_distributed() or not metrics:
         return dict(metrics)
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: v / world_size() for k, v in zip(keys, t.tolist())}
 
 
-def all_reduce_sum(values, device="cpu"):
+def all_reduce_sum(values):
     """Sum a list of floats over ranks."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
-def any_rank(flag: bool, device="cpu"):
+def any_rank(flag: bool):
     """True on every rank when any rank says True: a stop flag that leaves no rank waiting."""
-    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
 def gather_objects(obj):

@@ -44,7 +44,8 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     `generator` when given. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
     (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is
     the completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
-    positions are sampled (infilling); each block's steps split the masks the block actually has."""
+    positions are sampled (infilling); each block's steps split the masks the block actually has.
+    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
@@ -78,12 +79,12 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                 continue
             if cfg_scale > 0:
                 uncond = torch.where(prompt_index, torch.full_like(x, mask_id), x)
-                cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask).chunk(2)
+                cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask, slice(start, end)).chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             else:
-                logits = model(x, attention_mask)
-            # only the current block can be committed: everything below works on it alone
-            logits = logits[:, start:end].double()  # (B, block_length, V)
+                logits = model(x, attention_mask, slice(start, end))
+            # only the current block can be committed: the logits and everything below are of it alone
+            logits = logits.double()  # (B, block_length, V)
             logits[..., mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
             if temperature > 0:
                 u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)

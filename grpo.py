@@ -94,17 +94,17 @@ parser.add_argument("--scale-rewards", default="none", choices=["none", "group"]
 parser.add_argument("--sync-ref-every", type=int, default=0, help="mix the policy into the reference every N steps")
 parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alpha policy + (1 - alpha) ref")
 # Optimisation (d1: lr 3e-6, betas (0.9, 0.99), weight decay 0.1, max grad norm 0.2)
-parser.add_argument("--max-steps", type=int, default=200, help="rollout batches")
+parser.add_argument("--max-steps", type=int, default=400, help="rollout batches")
 parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
 parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (d1, 8B with LoRA: 3e-6)")
-parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"], help="after warm-up")
+parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "linear"], help="after warm-up")
 parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
 parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 # Evaluation, logging, checkpoints
-parser.add_argument("--eval-every", type=int, default=25, help="held-out greedy accuracy every N steps; 0 = end only")
+parser.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps; 0 = end only")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/grpo", help="final model, checkpoints and metrics.jsonl")
 parser.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps; 0 = off")
@@ -263,7 +263,7 @@ def rollout(step, prompt_indices):
 def completion_logprobs(policy, perturbed, sequences, attention_mask, prompt_length):
     """log pi(o_k | q) at every completion position (N, gen_length), from one forward pass."""
     with ddp.autocast(device):
-        logits = policy(perturbed, attention_mask)[:, prompt_length:]  # (N, gen_length, V)
+        logits = policy(perturbed, attention_mask, slice(prompt_length, None))  # (N, gen_length, V)
     return M.token_logprobs(logits, sequences[:, prompt_length:])
 
 

@@ -219,9 +219,11 @@ class LLaDA(nn.Module):
             self._rope_cache = {key: rope_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
         """input_ids (B, L) -> logits (B, L, V). attention_mask (B, L) of 0/1 hides padded keys;
-        without it every position attends to every position, exactly as LLaDA did for d1."""
+        without it every position attends to every position, exactly as LLaDA did for d1. `positions`, a
+        slice, keeps the logits of those positions only: the sampler reads one block and the estimator the
+        completion, and at a 126k vocabulary the LM head over the prompt would cost memory for nothing."""
         B, L = input_ids.shape
         cos, sin = self.rope(L, input_ids.device)
         attn_mask = None
@@ -234,7 +236,7 @@ class LLaDA(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
-        return self.ff_out(self.ln_f(x))[..., : self.cfg.vocab_size]
+        return self.ff_out(self.ln_f(x[:, positions]))[..., : self.cfg.vocab_size]
 
 
 def num_parameters(model):

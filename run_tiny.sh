@@ -14,6 +14,7 @@ start=$(date +%s)
 python grpo.py --seed "$SEED" --model "$OUT/sft" --out-dir "$OUT/grpo"
 grpo_seconds=$(( $(date +%s) - start ))
 # the honest baseline: the same SFT checkpoint trained further, on the demonstrations it has, for as long
+# (its cosine schedule runs over that time budget, as GRPO's runs over its steps)
 python sft.py --seed "$SEED" --model "$OUT/sft" --out-dir "$OUT/sft-continued" --lr 5e-4 --warmup-steps 0 \
-    --lr-schedule constant --max-steps 100000 --max-seconds "$grpo_seconds" --eval-every 0
+    --max-steps 100000 --max-seconds "$grpo_seconds" --eval-every 0
 python evaluate.py --model "$OUT/sft" "$OUT/sft-continued" "$OUT/grpo" --output-dir "$OUT/eval"

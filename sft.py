@@ -58,7 +58,8 @@ parser.add_argument("--batch-size", type=int, default=128, help="global batch: e
 parser.add_argument("--micro-batch-size", type=int, default=None,
                     help="examples per forward pass on one rank (default: batch-size / world size)")
 parser.add_argument("--max-steps", type=int, default=300, help="optimiser steps")
-parser.add_argument("--max-seconds", type=float, default=0, help="also stop after this much training time; 0 = off")
+parser.add_argument("--max-seconds", type=float, default=0,
+                    help="also stop after this much training time (the lr schedule spans whichever ends first); 0 = off")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
 parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant", "linear"], help="after warm-up")
 parser.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
@@ -205,7 +206,14 @@ t_start = time.time()
 final_step = args.max_steps
 for step in range(start_step, args.max_steps):
     t0 = time.time()
-    lr = ddp.learning_rate(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
+    # under --max-seconds the schedule runs over the time budget when that ends first (run_tiny.sh's baseline
+    # anneals within GRPO's wall time): the step it sees is the budget's fraction spent, averaged over ranks
+    # so that every rank sets the same lr
+    schedule_step = step
+    if args.max_seconds > 0:
+        spent = ddp.all_reduce_mean({"spent": (time.time() - t_start) / args.max_seconds})["spent"]
+        schedule_step = max(step, int(spent * args.max_steps))
+    lr = ddp.learning_rate(schedule_step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
     batch = ddp.step_indices(step, args.batch_size, len(sequences), args.seed)  # the global batch

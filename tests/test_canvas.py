@@ -19,9 +19,9 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.inner, self.calls = inner, 0
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
         self.calls += 1
-        return self.inner(input_ids, attention_mask)
+        return self.inner(input_ids, attention_mask, positions)
 
 
 def test_canvas_tokens_are_kept_and_only_masks_are_filled():

@@ -72,6 +72,7 @@ out["mean"] = ddp.all_reduce_mean({"rank": float(rank), "loss": 2.0 + 4.0 * rank
 out["sum"] = ddp.all_reduce_sum([1.0, float(rank)])
 out["any_rank1"] = ddp.any_rank(rank == 1)
 out["any_none"] = ddp.any_rank(False)
+out["collective_device"] = str(ddp.collective_device())
 out["gathered"] = ddp.gather_objects({"r": rank})
 out["shard"] = ddp.shard(list(range(7)), rank, world)
 ddp.print0(f"print0 from rank {rank}")
@@ -106,6 +107,7 @@ def test_two_process_gloo(tmp_path):
         assert out["mean"] == pytest.approx({"rank": 0.5, "loss": 4.0})
         assert out["sum"] == pytest.approx([2.0, 1.0])
         assert out["any_rank1"] is True and out["any_none"] is False
+        assert out["collective_device"] == "cpu"  # gloo reduces CPU tensors
         assert out["gathered"] == [{"r": 0}, {"r": 1}]
     assert outs[0]["checksums"] == outs[1]["checksums"]
     assert outs[0]["shard"] == [0, 2, 4, 6] and outs[1]["shard"] == [1, 3, 5]
@@ -142,6 +144,13 @@ def test_single_process_without_rank(monkeypatch, capsys):
     ddp.print0("hello from rank 0")
     assert "hello from rank 0" in capsys.readouterr().out
     ddp.cleanup()
+
+
+def test_metrics_are_reduced_on_the_gpu_under_nccl(monkeypatch):
+    # nccl reduces CUDA tensors only: metrics put in a CPU tensor would stop every multi-GPU run at step 1
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert ddp.collective_device() == torch.device("cuda", 3)
 
 
 def test_seeding_and_rng_state_round_trip():

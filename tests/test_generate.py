@@ -35,8 +35,8 @@ class NeverPredictsMask(torch.nn.Module):
         super().__init__()
         self.model, self.cfg = model, model.cfg
 
-    def forward(self, input_ids, attention_mask=None):
-        logits = self.model(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
+        logits = self.model(input_ids, attention_mask, positions)
         logits[..., self.cfg.mask_token_id] = -1e4
         return logits
 
@@ -157,9 +157,9 @@ class MaskLovingModel(torch.nn.Module):
         super().__init__()
         self.vocab_size, self.mask_id = vocab_size, mask_id
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
         g = torch.Generator().manual_seed(int(input_ids.sum()))
-        logits = torch.randn(*input_ids.shape, self.vocab_size, generator=g)
+        logits = torch.randn(*input_ids[:, positions].shape, self.vocab_size, generator=g)
         logits[..., self.mask_id] = 10.0
         return logits
 
@@ -206,8 +206,8 @@ class FixedLogitsModel(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.logits.expand(*input_ids.shape, -1).clone()
+    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
+        return self.logits.expand(*input_ids[:, positions].shape, -1).clone()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

@@ -66,6 +66,20 @@ def test_logits_shape_and_padded_embedding(make_model):
     assert torch.isfinite(logits).all()
 
 
+def test_positions_keep_the_logits_of_a_slice(make_model):
+    """The sampler and the estimator ask for a block or the completion only: the same numbers as the full
+    logits sliced, whatever the slice."""
+    model = make_model()
+    ids = random_ids(model.cfg, 3, 11)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0
+    full = logits_of(model, ids, attention_mask=attention_mask)
+    for positions in (slice(4, 8), slice(7, None), slice(None)):
+        torch.testing.assert_close(logits_of(model, ids, attention_mask=attention_mask, positions=positions),
+                                   full[:, positions], rtol=1e-5, atol=1e-5)
+    assert logits_of(model, ids, positions=slice(4, 8)).shape == (3, 4, model.cfg.vocab_size)
+
+
 def test_attention_is_bidirectional(make_model):
     """Changing the LAST token changes the logits at the FIRST position: no causal mask."""
     model = make_model()

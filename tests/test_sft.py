@@ -13,7 +13,7 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
   equal to the uninterrupted run, and its metrics.jsonl holds each step once;
 - LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
   logits; LoRA on a preset (random weights) is refused;
-- --max-seconds stops early and still writes the final model;
+- --max-seconds stops early, its lr schedule runs over the time budget, and it still writes the final model;
 - user errors (a batch that does not split, an unknown --model) exit non-zero with a message.
 """
 
@@ -260,10 +260,14 @@ def test_lora_on_a_preset_is_refused(tmp_path):
 def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
     out = tmp_path / "timed"
     run = run_script("sft.py", "--max-steps", 1000, "--max-seconds", 1, "--batch-size", 8, "--num-examples", 64,
-                     "--eval-examples", 8, "--save-every", 0, "--out-dir", out)
+                     "--lr", 1e-3, "--warmup-steps", 0, "--eval-examples", 8, "--save-every", 0, "--out-dir", out)
     records = read_metrics(out)
     steps = len(records)
-    assert 1 <= steps < 1000
+    assert 3 <= steps < 1000
+    # the cosine schedule runs over the time budget, which ends first: it decays to near 10% of the peak
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] > 0.95e-3 and lrs[-1] < 0.4e-3
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert "eval_accuracy" in records[-1]  # the early stop is a last step: it evaluates
     for name in LLADA_LAYOUT:
