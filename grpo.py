@@ -38,8 +38,8 @@ temperature 0.9, lr 2e-4.)
     torchrun --standalone --nproc_per_node=8 grpo.py --model checkpoints/LLaDA-8B-Instruct --task gsm8k \\
         --lora-r 128 --lora-alpha 64 --prompts-per-step 16 --num-generations 6 --gradient-accumulation-steps 2 \\
         --max-completion-length 256 --block-length 32 --diffusion-steps 128 --temperature 0.9 \\
-        --num-iterations 12 --beta 0.04 --epsilon 0.5 --lr 3e-6 --max-grad-norm 0.2 --sync-ref-every 64 \\
-        --max-steps 5000 --out-dir out/grpo-gsm8k
+        --num-iterations 12 --beta 0.04 --epsilon 0.5 --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 \\
+        --sync-ref-every 64 --max-steps 5000 --out-dir out/grpo-gsm8k
 """
 
 import argparse
@@ -97,7 +97,9 @@ parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alph
 parser.add_argument("--max-steps", type=int, default=400, help="rollout batches")
 parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
 parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (d1, 8B with LoRA: 3e-6)")
-parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "linear"], help="after warm-up")
+# the tiny default anneals: at a constant lr its held-out accuracy swung by up to 9 points between evaluations
+parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "linear"],
+                    help="after warm-up (d1: constant)")
 parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
