@@ -148,7 +148,8 @@ def bench(args):
         repeats = 1 if preset != "tiny" else 3
         t_sampler = time_it(lambda: generate(model, prompt, steps, gen_length, block_length, 0.9,
                                              mask_id=mask_id, generator=torch.Generator().manual_seed(0)), repeats)
-        t_forward = time_it(lambda: [model(full) for _ in range(steps)], repeats)
+        block = slice(Lp, Lp + block_length)  # the sampler's forwards return one block's logits
+        t_forward = time_it(lambda: [model(full, None, block) for _ in range(steps)], repeats)
         print(f"{preset:>10} {M.num_parameters(model) / 1e6:>7.1f}M {B:>3} {Lp:>4} {gen_length:>4} {steps:>5} | "
               f"{t_sampler:>9.3f} {t_forward:>10.3f} {t_sampler / t_forward:>11.2f} | {B * gen_length / t_sampler:>8.1f}")
 
