@@ -3,8 +3,8 @@ Evaluation: greedy generations of a checkpoint on a task's test set, sharded ove
 same checkers GRPO's rewards use (rewards.py), and written as ONE file in d1's generations JSON format.
 
 d1's settings are the defaults: temperature 0, block_length 32, steps = gen_length / 2, d1's evaluation
-prompts with "<reasoning>" appended after the chat template; countdown and sudoku on 256 problems
-subsampled with a fixed seed, all of GSM8K and MATH500.
+prompts with "<reasoning>" appended after the chat template; Sudoku on d1's 256 of its 500 puzzles, all of
+Countdown's 256 problems, GSM8K and MATH500; the stored generation is the text of all gen_length tokens.
 
     python evaluate.py --model out/grpo                                      # the tiny default task
     torchrun --standalone --nproc_per_node=8 evaluate.py --model checkpoints/LLaDA-8B-Instruct \
@@ -23,10 +23,10 @@ import argparse
 import glob
 import json
 import os
-import random
 import re
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -164,6 +164,8 @@ EVAL_DEFAULTS = {
     "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
     "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
 }
+# d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42); np.random.choice(500, 256,
+# replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256 problems, so nothing is drawn there
 SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
 RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth", "canvas")
 
@@ -209,7 +211,8 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
                       device="cpu", progress=True):
     """Greedy completions of `examples`, sharded over ranks (every world_size-th example), gathered and
     scored with rewards.score. Every rank returns the same dict: accuracy (fraction), correct, total,
-    count, completions (in example order), effective_tokens (mean tokens before the first stop token),
+    count, completions (in example order; the decoded text of all gen_length tokens, special tokens included, as d1
+    stores it), effective_tokens (mean tokens before the first stop token),
     tokens_per_s, wall_s, and for Sudoku valid_rate (complete valid grids that keep the given cells)."""
     rank, world = ddp.rank(), ddp.world_size()
     mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
@@ -233,7 +236,8 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
                              "not fit in GPU memory: lower --batch-size") from None
         for i, row in zip(batch, out[:, prompt_ids.shape[1]:].tolist()):
             stop = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-            completions[i] = tokenizer.decode(row[:stop])
+            # d1 stores the decoded text of all gen_length tokens, special tokens included, and its parser reads that
+            completions[i] = tokenizer.decode(row, skip_special_tokens=False)
             lengths[i] = stop
     wall = time.time() - t0
     gathered = ddp.gather_objects((completions, lengths, wall))
@@ -257,14 +261,14 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
 
 
 def test_examples(task, data_dir, limit=None):
-    """d1's test set of a task in d1's evaluation style; countdown and sudoku subsampled to 256 with a
-    fixed seed, as d1 evaluates them."""
+    """d1's test set of a task in d1's evaluation style; sudoku subsampled to d1's 256 puzzles."""
     import data
 
     examples = data.load_examples(task, "test", data_dir=data_dir, style="eval")
     if task in SUBSAMPLED_TASKS and len(examples) > SUBSAMPLE_SIZE:
-        keep = sorted(random.Random(SUBSAMPLE_SEED).sample(range(len(examples)), SUBSAMPLE_SIZE))
-        examples = [examples[i] for i in keep]
+        # the legacy global generator d1 seeds draws exactly what a RandomState of the same seed draws
+        keep = np.random.RandomState(SUBSAMPLE_SEED).choice(len(examples), SUBSAMPLE_SIZE, replace=False)
+        examples = [examples[i] for i in keep]  # in d1's order
     return examples[:limit] if limit is not None else examples
 
 

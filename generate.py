@@ -40,8 +40,9 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
              remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
-    Rows of the batch are independent. Gumbel noise is drawn in float64 (as d1 does in its rollouts) from
-    `generator` when given. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
+    Rows of the batch are independent. Gumbel noise is drawn in float64 from `generator` when given (d1 draws it
+    in the model's dtype, bf16, in its rollouts and in float32 in evaluation): low-precision Gumbel noise rounds
+    away the tails of the distribution, which samples at a lower temperature than asked. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
     (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is
     the completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
     positions are sampled (infilling); each block's steps split the masks the block actually has.

@@ -18,28 +18,28 @@ Each step, top to bottom:
         KL_k = exp(ref - logp) - (ref - logp) - 1,
      loss = sum(loss_tok * mask) / sum(mask); one optimiser step per iteration.
 
-Where this script departs from d1's released code (each a bug there):
+Where this script departs from d1's released code (each a bug there; the README's table lists every difference):
   - masks come from a torch.Generator per iteration, never from reseeding the global RNGs (which in d1
     makes the next rollouts a function of the last mask seed);
   - each precomputed mask is used exactly once per rollout batch (d1's counter skips half of them under
     gradient accumulation);
   - mu = 1 with beta > 0 works (it crashes in d1); beta = 0 skips the reference pass;
-  - --sync-ref-every really mixes the policy into the reference (silently a no-op in d1 with LoRA);
+  - --sync-ref-every really mixes the policy into the reference, exactly on the effective weights (silently a
+    no-op in d1 with LoRA);
   - log-probs that enter a ratio are computed with dropout off, so the first ratio is exactly 1.
 
 Infilling tasks (the tiny Sudoku default) give the sampler a canvas: the completion with the given cells
 already written. Those tokens are context, not actions: the loss skips them and the estimator treats them
-as prompt tokens. (Masking them like actions, as d1 masks a whole completion, made RL stall on the tiny
-task: held-out 57.6% -> 55-59% over 125 steps, against 80.8% at step 175 with them as context, seed 0,
-temperature 0.9, lr 2e-4.)
+as prompt tokens (masking them like actions, as d1 masks a whole completion, made RL stall on the tiny task).
 
     python grpo.py                                     # the tiny default, after `python sft.py`
     torchrun --standalone --nproc_per_node=2 grpo.py   # the same over 2 CPU processes (gloo)
-    torchrun --standalone --nproc_per_node=8 grpo.py --model checkpoints/LLaDA-8B-Instruct --task gsm8k \\
-        --lora-r 128 --lora-alpha 64 --prompts-per-step 16 --num-generations 6 --gradient-accumulation-steps 2 \\
-        --max-completion-length 256 --block-length 32 --diffusion-steps 128 --temperature 0.9 \\
-        --num-iterations 12 --beta 0.04 --epsilon 0.5 --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 \\
-        --sync-ref-every 64 --max-steps 5000 --out-dir out/grpo-gsm8k
+    torchrun --standalone --nproc_per_node=8 grpo.py --model checkpoints/LLaDA-8B-Instruct-SFT --task gsm8k \\
+        --lora-r 128 --lora-alpha 64 --lora-targets q_proj,k_proj,v_proj,up_proj --prompts-per-step 16 \\
+        --num-generations 6 --gradient-accumulation-steps 2 --max-prompt-length 200 --max-completion-length 256 \\
+        --block-length 32 --diffusion-steps 128 --temperature 0.9 --num-iterations 12 --beta 0.04 --epsilon 0.5 \\
+        --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 --sync-ref-every 64 --grad-checkpointing \\
+        --max-steps 5000 --out-dir out/grpo-gsm8k      # the README has every task's recipe (mu 8 for countdown, sudoku)
 """
 
 import argparse
@@ -57,7 +57,7 @@ import ddp
 import model as M
 import rewards
 from evaluate import EVAL_DEFAULTS, encode_canvas, evaluate_examples, left_pad, record_columns, test_examples
-from generate import completion_text, generate
+from generate import generate
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -81,6 +81,8 @@ parser.add_argument("--max-completion-length", type=int, default=None, help="gen
 parser.add_argument("--block-length", type=int, default=None, help="sampler block length (task default)")
 parser.add_argument("--diffusion-steps", type=int, default=None, help="sampler steps (task default)")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (Gumbel noise scale; d1: 0.9)")
+parser.add_argument("--max-prompt-length", type=int, default=0,
+                    help="keep only the last N prompt tokens in rollouts (d1: 200, TRL's left truncation); 0 = all")
 # diffu-GRPO
 parser.add_argument("--num-iterations", type=int, default=4, help="mu: inner updates per rollout batch (d1: 12)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference")
@@ -91,7 +93,8 @@ parser.add_argument("--random-masking", action=argparse.BooleanOptionalAction, d
                     help="a fresh mask seed per step and iteration (else one fixed seed, as d1's option)")
 parser.add_argument("--scale-rewards", default="none", choices=["none", "group"],
                     help="divide advantages by the group's std (+1e-4); d1 does not")
-parser.add_argument("--sync-ref-every", type=int, default=0, help="mix the policy into the reference every N steps")
+parser.add_argument("--sync-ref-every", type=int, default=0,
+                    help="mix the policy into the reference every N optimiser steps (TRL's ref_model_sync_steps; d1: 64)")
 parser.add_argument("--ref-mix-alpha", type=float, default=0.6, help="ref = alpha policy + (1 - alpha) ref")
 # Optimisation (d1: lr 3e-6, betas (0.9, 0.99), weight decay 0.1, max grad norm 0.2)
 parser.add_argument("--max-steps", type=int, default=400, help="rollout batches")
@@ -119,6 +122,8 @@ args = parser.parse_args()
 
 rank, world_size, device = ddp.init()
 ddp.seed_everything(args.seed)
+if args.max_prompt_length < 0:
+    raise SystemExit(f"--max-prompt-length {args.max_prompt_length}: give a number of tokens, or 0 to keep whole prompts")
 if args.prompts_per_step % world_size != 0:
     raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world_size}: "
                      "each rank owns whole groups")
@@ -161,13 +166,12 @@ if lora:  # only the adapters train
         p.requires_grad_("lora_" in name)
 model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
-# the reference policy: LoRA -> the base (adapters off), or a frozen copy of the adapters once synced;
+# the reference policy: LoRA -> the base (adapters off), plus a dense delta per adapted layer once synced;
 # full fine-tuning -> a frozen copy of the starting model
-ref_model, ref_adapter = None, None
+ref_model = None
 if args.beta > 0 and not lora:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 mask_id = M.mask_token_id(tokenizer)
-stop_ids = M.stop_token_ids(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ddp.print0(f"model: {args.model} ({M.num_parameters(model) / 1e6:.2f}M parameters, "
            f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained, {'LoRA' if lora else 'full'})")
@@ -196,9 +200,7 @@ if checkpoint:
     M.load_checkpoint_weights(checkpoint, model)
     optimizer.load_state_dict(state["trainer_state"]["optimizer"])
     ddp.set_rng_state(state["trainer_state"]["rng"][rank])
-    ref_adapter = state["trainer_state"].get("ref_adapter")
-    if ref_adapter is not None:
-        ref_adapter = {k: v.to(device) for k, v in ref_adapter.items()}
+    M.set_reference_deltas(model, state["trainer_state"].get("ref_deltas") or {})
     if state["trainer_state"].get("ref_model") is not None:
         ref_model.load_state_dict(state["trainer_state"]["ref_model"])
     start_step = state["step"]
@@ -212,7 +214,7 @@ if checkpoint:
 def save(step):
     rng = ddp.gather_objects(ddp.rng_state())
     if rank == 0:
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_adapter": ref_adapter,
+        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_deltas": M.reference_deltas(model),
                          "ref_model": ref_model.state_dict() if ref_model is not None and args.sync_ref_every else None}
         path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args))
         print(f"saved {path}", flush=True)
@@ -227,10 +229,11 @@ def save(step):
 def rollout(step, prompt_indices):
     """G completions of each prompt. Returns the (N, Lp + gen_length) sequences, the prompt attention
     mask (or None), the canvas the sampler started from (or None), the completion mask (N, gen_length)
-    of the sampled tokens up to and including the first stop token, and the completion texts;
+    of the sampled tokens up to and including the first EOS, and the completion texts;
     N = len(prompt_indices) * G, each group contiguous. The Gumbel noise of a generation batch comes from
     (seed, step, rank, batch), so a run reproduces exactly at the same world size."""
-    rows = [M.encode_prompt(tokenizer, prompts[i]["prompt"], prompts[i]["prefill"])
+    # d1 (TRL) keeps the last max_prompt_length tokens of a longer prompt
+    rows = [M.encode_prompt(tokenizer, prompts[i]["prompt"], prompts[i]["prefill"])[-args.max_prompt_length:]
             for i in prompt_indices for _ in range(args.num_generations)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.eos_token_id, device)
     canvas = None  # infilling tasks start from a canvas; the others from an all-[MASK] completion
@@ -249,12 +252,13 @@ def rollout(step, prompt_indices):
                 canvas=None if canvas is None else canvas[b:b + generation_batch]))
     sequences = torch.cat(outputs)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
-    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=device))
-    # keep tokens up to and including the first stop token: positions where no stop came strictly before
-    completion_mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0
+    is_eos = completion_ids == tokenizer.eos_token_id
+    # as d1: keep tokens up to and including the first EOS (positions with no EOS strictly before them), and give
+    # the rewards the text of the whole completion with special tokens dropped
+    completion_mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
     if canvas is not None:  # the policy's actions are the tokens it sampled, not the canvas it was given
         completion_mask &= canvas == mask_id
-    texts = [completion_text(tokenizer, row, stop_ids) for row in completion_ids]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return sequences, prompt_mask, canvas, completion_mask, texts
 
 
@@ -271,35 +275,25 @@ def completion_logprobs(policy, perturbed, sequences, attention_mask, prompt_len
 
 @contextlib.contextmanager
 def reference_policy():
-    """The model as the reference policy: the frozen copy (full fine-tuning), the base with adapters off
-    (LoRA), or the base with the reference adapters swapped in (LoRA after a --sync-ref-every mix)."""
+    """The model as the reference policy: the frozen copy (full fine-tuning), or the base with adapters off and,
+    once synced, each adapted layer's reference delta added (LoRA)."""
     if ref_model is not None:
         yield ref_model
-    elif ref_adapter is None:
+    else:
         with M.adapters_disabled(model):
             yield model
-    else:
-        current = {k: v.detach().clone() for k, v in M.adapter_state(model).items()}
-        M.set_adapter_state(model, ref_adapter)
-        try:
-            yield model
-        finally:
-            M.set_adapter_state(model, current)
 
 
 def sync_reference():
-    """ref = alpha * policy + (1 - alpha) * ref (TRL's mix-up, as d1 configures it)."""
-    global ref_adapter
+    """ref_W = alpha * W_policy + (1 - alpha) * ref_W on the effective weights, every --sync-ref-every optimiser
+    steps (TRL's sync_ref_model, as d1 configures it; in d1 it is a silent no-op under LoRA)."""
     alpha = args.ref_mix_alpha
-    with torch.no_grad():
-        if ref_model is not None:
+    if ref_model is not None:
+        with torch.no_grad():
             for p_ref, p in zip(ref_model.parameters(), model.parameters()):
                 p_ref.mul_(1 - alpha).add_(p.detach(), alpha=alpha)
-        elif lora:
-            policy = M.adapter_state(model)
-            if ref_adapter is None:  # the base model's adapters are zero
-                ref_adapter = {k: torch.zeros_like(v) for k, v in policy.items()}
-            ref_adapter = {k: (1 - alpha) * ref_adapter[k] + alpha * v.detach() for k, v in policy.items()}
+    elif lora:
+        M.sync_lora_reference(model, alpha)
 
 
 # -----------------------------------------------------------------------------
@@ -392,13 +386,14 @@ for step in range(start_step, args.max_steps):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         optimizer_step += 1
-    if args.sync_ref_every > 0 and (step + 1) % args.sync_ref_every == 0:
-        sync_reference()
+        if args.sync_ref_every > 0 and optimizer_step % args.sync_ref_every == 0:
+            sync_reference()  # the next rollout batch's reference log-probs see it
     t_update = time.time() - t1
 
     # metrics, all-reduced over ranks
     group_std = grouped.std(dim=1)
     local = {"reward": reward.mean().item(), "reward_std": group_std.mean().item(),
+             "prompt_length": float(prompt_length if prompt_mask is None else prompt_mask.sum(dim=1).float().mean()),
              "zero_std_ratio": (group_std < 1e-6).float().mean().item(),
              "completion_length": completion_mask.sum(dim=1).float().mean().item(),
              **{f"rewards/{name}": v.mean().item() for name, v in per_function.items()}, **stats}

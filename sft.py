@@ -1,13 +1,16 @@
 """
 Stage 1 of d1: masked SFT, the completion-only supervised fine-tuning of LLaDA (Nie et al. 2025, App. B.1).
 
-For each example x = prompt ++ response (the response padded with EOS to the micro-batch's longest, and
-trained on: that is how the model learns to stop), draw t ~ U(0, 1) per sequence, p = (1 - eps) t + eps,
-mask every response token with probability p (never the prompt), and minimise
+For each example x = prompt ++ response, the response padded with EOS (to --max-seq-length as d1 does, or to the
+micro-batch's longest) and every pad trained on as a response token: that is how the model learns to stop and to
+fill the tail of a long canvas with EOS. Draw t ~ U(0, 1) per sequence, p = (1 - eps) t + eps, mask every response
+token with probability p (never the prompt), and minimise
 
     loss = sum over masked tokens of CE(logits_i, x_i) / p  /  number of response tokens
 
-(d1 divides by the response tokens of the batch). The model learns to fill any fraction of the answer
+(d1 divides by the response tokens of the micro-batch, pads included). Chat tasks build x as d1 does: the chat
+template over the user turn and the reply, the prompt boundary one token into the assistant header (see
+data.sft_tokens). The model learns to fill any fraction of the answer
 from the prompt and the rest of the answer, which is what the sampler in generate.py asks of it.
 
 How this script differs from d1's SFT: no Trainer (a plain loop), hand-written DDP and LoRA, the global
@@ -17,8 +20,10 @@ any world size, and exact resume from the newest checkpoint.
     python sft.py                                    # the tiny default: 4x4 Sudoku on a laptop CPU
     torchrun --standalone --nproc_per_node=2 sft.py  # the same run over 2 CPU processes (gloo)
     torchrun --standalone --nproc_per_node=8 sft.py --model checkpoints/LLaDA-8B-Instruct --task s1k \\
-        --lora-r 128 --lora-alpha 256 --batch-size 16 --micro-batch-size 1 --lr 1e-5 --max-seq-length 4096 \\
-        --warmup-steps 50 --lr-schedule constant --grad-checkpointing --max-steps 2000 --out-dir out/sft-8b
+        --lora-r 128 --lora-alpha 256 --lora-dropout 0.05 --lora-targets q_proj,k_proj,v_proj \\
+        --batch-size 8 --micro-batch-size 1 --lr 1e-5 --lr-schedule linear --warmup-steps 0 --adam-beta2 0.999 \\
+        --max-seq-length 4096 --pad-to max-length --overlong truncate --grad-checkpointing --max-steps 2500 \\
+        --out-dir out/sft-s1k        # d1's recipe: 20 epochs of s1K at batch 8 (see the README)
 """
 
 import argparse
@@ -47,7 +52,9 @@ parser.add_argument("--data-dir", default="data/files", help="where downloaded d
 parser.add_argument("--num-examples", type=int, default=None, help="use only this many training examples")
 parser.add_argument("--max-seq-length", type=int, default=4096, help="prompt + response tokens at most")
 parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"],
-                    help="what to do with longer examples (they are counted in the log either way)")
+                    help="what to do with longer examples (d1 truncates; they are counted in the log either way)")
+parser.add_argument("--pad-to", default="longest", choices=["longest", "max-length"],
+                    help="pad responses with EOS to the micro-batch's longest, or to --max-seq-length as d1 does")
 # LoRA (r 0 = full fine-tuning)
 parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight")
 parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
@@ -115,7 +122,7 @@ ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.nume
            f"trained ({'LoRA r=%d' % args.lora_r if args.lora_r else 'full'}), mask id {mask_id}")
 
 # -----------------------------------------------------------------------------
-# Data: tokenise prompt and response; the response ends with EOS
+# Data: tokenise prompt and response (data.sft_tokens: d1's chat layout, or the canvas layout of infilling tasks)
 
 split = args.split or ("sft" if args.task == "tiny_sudoku" else "train")
 examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
@@ -123,8 +130,7 @@ if not examples or examples[0]["completion"] is None:
     raise SystemExit(f"task {args.task} split {split} has no SFT completions")
 sequences, dropped, truncated = [], 0, 0
 for ex in examples:
-    prompt_ids = M.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])
-    response_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids, response_ids = data.sft_tokens(tokenizer, ex)
     if len(prompt_ids) + len(response_ids) > args.max_seq_length:
         if args.overlong == "drop" or len(prompt_ids) >= args.max_seq_length:
             dropped += 1
@@ -138,9 +144,14 @@ ddp.print0(f"data: {args.task}/{split} {len(sequences)} examples ({dropped} drop
            f"longer than {args.max_seq_length} tokens)")
 
 
+def padded_length(indices):
+    return args.max_seq_length if args.pad_to == "max-length" else max(sum(map(len, sequences[i])) for i in indices)
+
+
 def collate(indices):
-    """(B, L) token ids with the response padded by EOS to the longest sequence, and prompt lengths (B,)."""
-    length = max(len(sequences[i][0]) + len(sequences[i][1]) for i in indices)
+    """(B, L) token ids with the response padded by EOS (d1: the tokenizer's pad token, which it sets to EOS), and
+    prompt lengths (B,)."""
+    length = padded_length(indices)
     rows, prompt_lengths = [], []
     for i in indices:
         prompt_ids, response_ids = sequences[i]
@@ -221,7 +232,7 @@ for step in range(start_step, args.max_steps):
     # row's mask is the same whatever the world size and micro-batch size
     g = ddp.generator(args.seed, step)
     t_noise = torch.rand(args.batch_size, generator=g)
-    u_noise = torch.rand(args.batch_size, max(sum(map(len, sequences[i])) for i in batch), generator=g)
+    u_noise = torch.rand(args.batch_size, padded_length(batch), generator=g)
     loss_sum, tokens = 0.0, 0
     # micro-batch j of the global batch belongs to rank j % world_size
     for j in range(rank, args.batch_size // micro, world_size):
@@ -241,12 +252,13 @@ for step in range(start_step, args.max_steps):
     optimizer.zero_grad(set_to_none=True)
 
     metrics = ddp.all_reduce_mean({"loss": loss_sum / accumulation, "tokens": tokens})
+    tokens = round(metrics["tokens"] * world_size)  # the step's tokens over all ranks, pads included
     dt = time.time() - t0
     # the time budget is decided on all ranks together, so that no rank waits for one that stopped
     out_of_time = args.max_seconds > 0 and ddp.any_rank(time.time() - t_start > args.max_seconds)
     last_step = step == args.max_steps - 1 or out_of_time
     record = {"step": step + 1, "loss": metrics["loss"], "lr": lr, "grad_norm": float(grad_norm),
-              "dt_ms": dt * 1000, "tok_per_s": metrics["tokens"] * world_size / dt}
+              "dt_ms": dt * 1000, "tokens": tokens, "tok_per_s": tokens / dt}
     if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last_step:
         if eval_examples:
             record["eval_accuracy"] = held_out_accuracy()

@@ -60,3 +60,25 @@ def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limi
     if task == "math500":
         return math500_examples(split, data_dir=data_dir, style=style, limit=limit)
     return s1k_examples(split, data_dir=data_dir, style=style, limit=limit)
+
+
+def sft_tokens(tokenizer, example):
+    """(prompt_ids, response_ids) of one SFT example, before truncation and padding.
+
+    Chat tasks are built as d1's SFT builds them (its preprocess_dataset): the sequence is the chat template over
+    the user turn and the assistant's reply, so the reply ends with the template's end of turn (<|eot_id|> for
+    LLaDA), and the prompt is as long as the tokens of the template over the user turn alone plus "\n", which puts
+    the boundary one token into the assistant header (the rest of the header is trained). Infilling tasks (a
+    canvas) are built as the sampler reads them: the prompt with its generation header, then the completion and
+    one EOS, position for position the canvas the sampler starts from.
+    """
+    import model as M  # the tokenizer helpers
+
+    if example.get("canvas") is not None:
+        prompt_ids = M.encode_prompt(tokenizer, example["prompt"], example["prefill"])
+        response_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt_ids, response_ids
+    reply = [{"role": "assistant", "content": example["prefill"] + example["completion"]}]
+    full = tokenizer(tokenizer.apply_chat_template(example["prompt"] + reply, tokenize=False))["input_ids"]
+    prompt = tokenizer(tokenizer.apply_chat_template(example["prompt"], tokenize=False) + "\n")["input_ids"]
+    return full[:len(prompt)], full[len(prompt):]

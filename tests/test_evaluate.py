@@ -11,6 +11,9 @@ Guards evaluation, `evaluate.py`: run as a subprocess on tiny checkpoints, and `
 - several models in one call print a comparison table with one column per model, also when two model
   folders share a name (out/seed0/grpo, out/seed1/grpo);
 - user errors: a missing model folder, --rescore on a folder without generation files;
+- d1's Sudoku subset: test_examples keeps the 256 puzzles that `np.random.seed(42);
+  np.random.choice(500, 256, replace=False)` picks (the slow reference, written here with the global generator
+  d1 seeds), in that order; the stored generation is the text of all gen_length tokens, as d1 stores it;
 - evaluate_examples: with left padding and its attention mask, a prompt's greedy completion does not depend
   on the other prompts of its batch (without the mask it does, for the same model).
 """
@@ -194,7 +197,35 @@ def test_completion_is_independent_of_batch_companions(tokenizer):
     assert attention_mask is not None and attention_mask[0].sum() == len(prompts[0]) < ids.shape[1]
     assert torch.equal(ids[0, -len(prompts[0]):], torch.tensor(prompts[0]))
     unmasked = generate(model, ids, 20, 20, 20, 0.0, mask_id=M.mask_token_id(tokenizer))
-    stop_ids = M.stop_token_ids(tokenizer)
-    row = unmasked[0, ids.shape[1]:].tolist()
-    row = row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
-    assert tokenizer.decode(row) != alone["completions"][0]
+    assert tokenizer.decode(unmasked[0, ids.shape[1]:], skip_special_tokens=False) != alone["completions"][0]
+
+
+def test_sudoku_subset_is_d1s_choice(tmp_path):
+    """d1's eval/sudoku.py draws its 256 test puzzles with the global numpy generator seeded 42."""
+    import numpy as np
+
+    from data.sudoku import _GRIDS, make_puzzles
+
+    pairs = make_puzzles(_GRIDS, 500, 6, 10, seed="subset-test")
+    with open(tmp_path / "4x4_test_sudoku.csv", "w") as f:
+        f.write("Puzzle,Solution\n" + "".join(f"{p},{s}\n" for p, s in pairs))
+    state = np.random.get_state()
+    try:
+        np.random.seed(42)
+        expected = [pairs[i][0] for i in np.random.choice(500, 256, replace=False)]
+    finally:
+        np.random.set_state(state)
+    examples = evaluate.test_examples("sudoku", str(tmp_path))
+    assert [e["puzzle"] for e in examples] == expected
+    assert len({e["puzzle"] for e in examples}) == 256  # the old random.Random(42).sample shared about half
+
+
+def test_stored_generation_is_the_whole_canvas_text(tokenizer):
+    """d1 decodes all gen_length tokens (skip_special_tokens=False) and scores that text."""
+    model = M.build_model("tiny", tokenizer, seed=0).eval()
+    examples = evaluate.test_examples("tiny_sudoku", "data/files", 1)
+    result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, gen_length=24, steps=24,
+                                        block_length=24, batch_size=1, progress=False)
+    ids = tokenizer(result["completions"][0], add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24  # every generated token is in the text, the EOS after the grid and what follows it
+    assert ids[19] == tokenizer.eos_token_id and result["effective_tokens"] == 19

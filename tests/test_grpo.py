@@ -39,7 +39,7 @@ from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, che
 # mu 2 and beta > 0 pinned (the paths under test); temperature pinned so that groups have a reward spread
 TINY = ["--prompts-per-step", 2, "--num-generations", 4, "--num-iterations", 2, "--beta", 0.04,
         "--temperature", 0.9, "--eval-examples", 4, "--eval-every", 0]
-RECORD_KEYS = ("reward", "reward_std", "zero_std_ratio", "kl", "clip_ratio", "completion_length", "lr", "grad_norm",
+RECORD_KEYS = ("prompt_length", "reward", "reward_std", "zero_std_ratio", "kl", "clip_ratio", "completion_length", "lr", "grad_norm",
                "rollout_s", "update_s", "tok_per_s", "loss", "first_ratio_error")
 
 
@@ -216,10 +216,11 @@ def distance(a, b):
     return sum(float((a[k].detach() - b[k].detach()).double().pow(2).sum()) for k in a)
 
 
-# Full fine-tuning, mu 2, beta > 0; the reference is the frozen starting model for steps 1-2, then synced
-# (--sync-ref-every 2) so that step 3 and the resume also exercise a mixed reference.
+# Full fine-tuning, mu 2, beta > 0; the reference is the frozen starting model for steps 1-2, then synced after
+# 4 optimiser steps (--sync-ref-every counts optimiser steps, 2 per rollout step at mu 2) so that step 3 and the
+# resume also exercise a mixed reference.
 REF_MIX_ALPHA = 0.6
-DEFAULT = ["--save-every", 2, "--sync-ref-every", 2, "--ref-mix-alpha", REF_MIX_ALPHA]
+DEFAULT = ["--save-every", 2, "--sync-ref-every", 4, "--ref-mix-alpha", REF_MIX_ALPHA]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +248,7 @@ def test_default_path(default_run, start):
     assert all(0 <= r["clip_ratio"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 for r in records)
     # tiny_sudoku is infilling: the policy's tokens are the blank cells alone (6..10), not the given cells
     assert all(0 < r["completion_length"] <= 10 for r in records)
+    assert all(r["prompt_length"] == 22 for r in records)  # <bos><user>, 4 rows of 4 digits and 3 newlines, <assistant>
     assert "eval_accuracy" in records[-1]
     for name in LLADA_LAYOUT + ("training_args.json",):
         assert (out / name).is_file()
@@ -256,8 +258,9 @@ def test_default_path(default_run, start):
 
 
 def test_full_reference_sync_mixes_the_policy_in(two_steps, start):
-    """After step 2 (--sync-ref-every 2) the saved reference is alpha policy + (1 - alpha) starting model (TRL's
-    mix-up), not the starting model (d1's sync is a no-op with LoRA)."""
+    """After step 2 (4 optimiser steps, --sync-ref-every 4) the saved reference is alpha policy + (1 - alpha)
+    starting model (TRL's mix-up), not the starting model (d1's sync is a no-op with LoRA). Were rollout steps
+    counted, no sync would have happened yet."""
     out, _ = two_steps
     reference = trainer_state(out)["ref_model"]
     policy, initial = parameters(out), parameters(start)
@@ -283,11 +286,13 @@ def test_resume_is_bitwise_exact(default_run, two_steps, start, workdir):
 
 def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
     """LoRA (d), mu = 1 with beta > 0 (b: a crash in d1), --sync-ref-every 1 with LoRA (e): the reference is the
-    base (adapters off) at step 1, then a mix of the zero adapter and the policy's."""
+    base (adapters off) at step 1, then the base plus a dense mix of the policy's deltas B A (the exactness of the
+    mix is test_model.py's). --max-prompt-length 12 keeps the last 12 prompt tokens of every rollout."""
     out = workdir / "lora"
     grpo(start, out, "--lora-r", 4, "--num-iterations", 1, "--sync-ref-every", 1, "--max-steps", 2,
-         "--eval-examples", 0, "--save-every", 0)
+         "--eval-examples", 0, "--save-every", 0, "--max-prompt-length", 12)
     records = check_records(out, 2, evaluated=False)
+    assert all(r["prompt_length"] == 12 for r in records)
     assert records[-1]["kl"] > 0  # the reference pass ran with mu = 1 and differs from the moved policy
     assert M.is_adapter(str(out)) and os.path.samefile(M.adapter_base(str(out)), start)
     tuned, base = M.load_model(str(out)), M.load_model(start)
@@ -296,11 +301,12 @@ def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
                          dict(base.named_parameters()))
     adapter = M.adapter_state(tuned)
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters trained
-    # the synced reference adapter: a mix of the zero (base) adapter and the policy, nearer the policy than zero
-    reference = trainer_state(out)["ref_adapter"]
-    assert reference is not None and reference.keys() == adapter.keys()
-    zero = {k: torch.zeros_like(v) for k, v in adapter.items()}
-    assert 0 < distance(reference, adapter) < distance(zero, adapter)
+    # the synced reference: per adapted layer a dense delta that mixes the policy's deltas, nearer them than zero
+    reference = trainer_state(out)["ref_deltas"]
+    policy = {name: m.delta_weight() for name, m in M.lora_modules(tuned)}
+    assert reference.keys() == policy.keys() and all(reference[k].shape == policy[k].shape for k in policy)
+    zero = {k: torch.zeros_like(v) for k, v in policy.items()}
+    assert 0 < distance(reference, policy) < distance(zero, policy)
 
 
 def test_two_ranks_with_beta_0_and_group_scaled_rewards(start, workdir):

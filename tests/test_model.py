@@ -602,6 +602,33 @@ def test_adapters_disabled_gives_base_logits(make_model):
     assert torch.equal(logits_of(model, ids), adapted)  # switched back on
 
 
+def test_lora_reference_sync_equals_a_full_weight_mix(make_model):
+    """TRL's sync, ref_W = alpha W + (1 - alpha) ref_W, applied three times to full merged weights (the slow
+    reference), gives the logits that the LoRA model gives with adapters off and its dense reference deltas on."""
+    model = make_model(seed=2)
+    M.add_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "up_proj"))
+    ids = random_ids(model.cfg, 2, 9)
+    reference = {k: v.clone() for k, v in M.merged_state(model).items()}  # the base: B = 0
+    alpha = 0.6
+    for sync in range(3):
+        randomise_lora(model, seed=sync)  # the policy moved since the last sync, in both factors
+        with torch.no_grad():
+            for _, m in M.lora_modules(model):
+                m.lora_A.mul_(1 + sync)
+        policy = M.merged_state(model)
+        reference = {k: alpha * policy[k] + (1 - alpha) * reference[k] for k in reference}
+        M.sync_lora_reference(model, alpha)
+    slow = make_model(seed=2)
+    with torch.no_grad():
+        for name, p in slow.named_parameters():
+            p.copy_(reference[name])
+    with M.adapters_disabled(model):
+        torch.testing.assert_close(logits_of(model, ids), logits_of(slow, ids), rtol=0, atol=1e-5)
+    assert (logits_of(model, ids) - logits_of(slow, ids)).abs().max() > 1e-3  # the policy is elsewhere
+    deltas = M.reference_deltas(model)
+    assert len(deltas) == 4 * model.cfg.n_layers and deltas["blocks.0.up_proj"].shape == model.blocks[0].up_proj.weight.shape
+
+
 def test_adapter_peft_format_reload_and_merged_export(make_model, tokenizer, tmp_path):
     model = make_model(seed=4)
     base_dir, adapter_dir, merged_dir = (str(tmp_path / n) for n in ("base", "adapter", "merged"))

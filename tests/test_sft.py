@@ -12,7 +12,12 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
   half-written `.tmp-checkpoint-*` folder (a kill during a save), resumed with --resume, ends bitwise
   equal to the uninterrupted run, and its metrics.jsonl holds each step once;
 - LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
-  logits; LoRA on a preset (random weights) is refused;
+  logits; LoRA on a preset (random weights) is refused; the same run pads to --max-seq-length (--pad-to
+  max-length, d1's padding), so each step trains batch x max-seq-length tokens;
+- d1's SFT sequence: data.sft_tokens on a tokenizer with LLaDA's chat template and special tokens equals d1's
+  preprocess_dataset (written here as the slow reference: the template over user + assistant, padded to
+  max_length with EOS and truncated; the prompt length from the template over the user turn plus "\n"), input ids
+  and prompt lengths both, for a short example and one longer than max_length;
 - --max-seconds stops early, its lr schedule runs over the time budget, and it still writes the final model;
 - user errors (a batch that does not split, an unknown --model) exit non-zero with a message.
 """
@@ -32,7 +37,7 @@ from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, as
 
 MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
 TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
-RECORD_KEYS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s")
+RECORD_KEYS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens", "tok_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +220,8 @@ def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
     out = tmp_path / "lora"
     run_script("sft.py", "--model", tiny_base, "--lora-r", 4, "--lora-alpha", 8, "--max-steps", 3, "--batch-size", 8,
                "--num-examples", 32, "--eval-examples", 0, "--save-every", 0, "--lr", 1e-2, "--warmup-steps", 1,
-               "--out-dir", out)
+               "--pad-to", "max-length", "--max-seq-length", 64, "--out-dir", out)
+    assert all(r["tokens"] == 8 * 64 for r in read_metrics(out))  # 22 prompt + 20 response tokens, 22 EOS pads
     assert M.is_adapter(str(out)) and (out / "adapter_model.safetensors").is_file()
     with open(out / "adapter_config.json") as f:
         config = json.load(f)
@@ -284,3 +290,52 @@ def test_user_errors_exit_with_a_message(tmp_path, args, fragments):
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
     run = run_script("sft.py", *args, "--out-dir", tmp_path / "out", expect_ok=False)
     assert_clean_error(run, *[f.replace("{tmp}", str(tmp_path)) for f in fragments])
+
+
+# -----------------------------------------------------------------------------
+# d1's SFT sequence
+
+# LLaDA-8B-Instruct's chat template (Llama 3's)
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def d1_preprocess(tokenizer, question, trajectory, max_length):
+    """d1's SFT preprocess_dataset for one example: (input_ids, prompt_length)."""
+    prompt = [{"role": "user", "content": question}]
+    response = [{"role": "assistant", "content": trajectory}]
+    inputs = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False) + "\n"
+    input_ids = tokenizer(inputs, truncation=True, max_length=max_length, padding="max_length")["input_ids"]
+    prompt_length = sum(tokenizer(prompt_text, truncation=True, max_length=max_length)["attention_mask"])
+    return input_ids, prompt_length
+
+
+def test_d1_sft_sequence_matches_d1_preprocessing():
+    import copy
+
+    import data
+
+    tokenizer = copy.deepcopy(M.build_tiny_tokenizer())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+    tokenizer.chat_template = LLADA_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"  # d1 loads its tokenizer so, and pads with EOS
+    assert tokenizer.pad_token == tokenizer.eos_token
+    max_length = 160
+    for question, trajectory in [("What is 2 + 3?", "<reasoning>2 + 3 = 5</reasoning>\n<answer>5</answer>"),
+                                 ("Count to forty.", "<reasoning>" + " ".join(map(str, range(1, 41))) + "</reasoning>")]:
+        example = {"prompt": [{"role": "user", "content": question}], "prefill": "", "completion": trajectory}
+        expected_ids, expected_prompt_length = d1_preprocess(tokenizer, question, trajectory, max_length)
+        prompt_ids, response_ids = data.sft_tokens(tokenizer, example)
+        ids = (prompt_ids + response_ids)[:max_length]  # sft.py --overlong truncate
+        ids += [tokenizer.eos_token_id] * (max_length - len(ids))  # sft.py --pad-to max-length
+        assert ids == expected_ids
+        assert len(prompt_ids) == expected_prompt_length
+    # the second example is longer than max_length: truncated inside the reasoning, no <|eot_id|> left
+    assert len(prompt_ids) + len(response_ids) > max_length
+    # the reply is trained from inside the assistant header and ends with the template's end of turn
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenizer.decode(response_ids).startswith("assistant<|end_header_id|>") and response_ids[-1] == eot
