@@ -335,7 +335,10 @@ if __name__ == "__main__":
                 "steps": args.steps or (gen_length // 2 if args.gen_length else defaults["steps"]),
                 "block_length": args.block_length or min(defaults["block_length"], gen_length),
                 "batch_size": args.batch_size or defaults["batch_size"]}
-    examples = test_examples(args.task, args.data_dir, args.limit)
+    try:
+        examples = test_examples(args.task, args.data_dir, args.limit)
+    except (FileNotFoundError, ValueError) as err:  # a missing or malformed test file: the message says what to do
+        raise SystemExit(str(err)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     summary = {}
     for model_path, name in zip(args.model, model_names(args.model)):

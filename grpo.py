@@ -109,6 +109,7 @@ parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 
 parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 # Evaluation, logging, checkpoints
+parser.add_argument("--log-every", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
 parser.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps; 0 = end only")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/grpo", help="final model, checkpoints and metrics.jsonl")
@@ -122,6 +123,8 @@ args = parser.parse_args()
 
 rank, world_size, device = ddp.init()
 ddp.seed_everything(args.seed)
+if args.log_every < 1:
+    raise SystemExit(f"--log-every {args.log_every}: print every N >= 1 steps")
 if args.max_prompt_length < 0:
     raise SystemExit(f"--max-prompt-length {args.max_prompt_length}: give a number of tokens, or 0 to keep whole prompts")
 if args.prompts_per_step % world_size != 0:
@@ -180,8 +183,11 @@ ddp.print0(f"model: {args.model} ({M.num_parameters(model) / 1e6:.2f}M parameter
 # Data: prompts for rollouts, and held-out prompts for greedy evaluation
 
 split = args.split or ("rl" if args.task == "tiny_sudoku" else "train")
-prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
-eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+try:
+    prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
+    eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+except (FileNotFoundError, ValueError) as err:  # a missing or malformed data file: the message says what to do
+    raise SystemExit(str(err)) from None
 reward_functions = rewards.reward_functions(args.task)
 ddp.print0(f"data: {len(prompts)} prompts from {args.task}/{split}, {len(eval_examples)} held-out; rewards: "
            + ", ".join(f"{fn.__name__} x{w}" for fn, w in reward_functions))
@@ -406,7 +412,7 @@ for step in range(start_step, args.max_steps):
             record["eval_accuracy"] = held_out_accuracy()
     ddp.log_jsonl(metrics_path, record)
     bar.update(1)
-    if rank == 0:
+    if rank == 0 and ((step + 1) % args.log_every == 0 or "eval_accuracy" in record or last_step):
         bar.write(f"step {step + 1:05d}/{args.max_steps} | reward {record['reward']:.3f} | loss {record['loss']:+.4f} | "
                   f"kl {record['kl']:.4f} | clip {record['clip_ratio']:.3f} | lr {lr:.2e} | "
                   f"rollout {t_rollout:.1f}s update {t_update:.1f}s | tok/s {record['tok_per_s']:.0f}"

@@ -109,7 +109,7 @@ class ModelConfig:
 # (their vocabulary and special ids are filled in from it by build_model).
 PRESETS = {
     "llada-8b": ModelConfig(),
-    # ~200k parameters: learns 4x4 Sudoku on one CPU core in about a minute (NOTES.md)
+    # ~200k parameters: small enough to learn 4x4 Sudoku on a laptop CPU
     "tiny": ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=176,
                         max_sequence_length=256),
     # ~2x wider and deeper, for when the tiny one is too small
@@ -203,7 +203,7 @@ class LLaDA(nn.Module):
 
     def init_weights(self, seed=0):
         """Random init: N(0, init_std) everywhere. A small embedding std matters: at N(0, 1) the token
-        signal drowns RoPE's position signal and a tiny model never learns to copy (NOTES.md)."""
+        signal drowns RoPE's position signal and a tiny model never learns to copy the given cells."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name == "ln_f.weight":

@@ -76,6 +76,7 @@ parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient c
 parser.add_argument("--mask-eps", type=float, default=1e-3, help="the smallest masking rate p (LLaDA's eps)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 # Evaluation, logging, checkpoints
+parser.add_argument("--log-every", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
 parser.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps; 0 = only at the end")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/sft", help="final model, checkpoints and metrics.jsonl")
@@ -94,6 +95,8 @@ if micro == 0 or args.batch_size % (micro * world_size) != 0:
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch-size x world size "
                      f"({micro} x {world_size})")
 accumulation = args.batch_size // (micro * world_size)
+if args.log_every < 1:
+    raise SystemExit(f"--log-every {args.log_every}: print every N >= 1 steps")
 ddp.print0(f"args: {json.dumps(vars(args))}")
 ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per micro-batch x {accumulation} "
            f"accumulation x {world_size} ranks | device {device}")
@@ -125,7 +128,15 @@ ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.nume
 # Data: tokenise prompt and response (data.sft_tokens: d1's chat layout, or the canvas layout of infilling tasks)
 
 split = args.split or ("sft" if args.task == "tiny_sudoku" else "train")
-examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
+if args.eval_examples > 0 and args.task == "s1k":
+    ddp.print0("s1k has no test set: no held-out accuracy during SFT (run evaluate.py on a d1 task afterwards)")
+try:
+    examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
+    # held-out examples for the accuracy printed during and after training
+    eval_examples = (test_examples(args.task, args.data_dir, args.eval_examples)
+                     if args.eval_examples > 0 and args.task != "s1k" else [])
+except (FileNotFoundError, ValueError) as err:  # a missing or malformed data file: the message says what to do
+    raise SystemExit(str(err)) from None
 if not examples or examples[0]["completion"] is None:
     raise SystemExit(f"task {args.task} split {split} has no SFT completions")
 sequences, dropped, truncated = [], 0, 0
@@ -161,12 +172,6 @@ def collate(indices):
     return torch.tensor(rows, device=device), torch.tensor(prompt_lengths, device=device)
 
 
-# held-out examples for the accuracy printed during and after training
-eval_examples = []
-if args.eval_examples > 0 and args.task == "s1k":
-    ddp.print0("s1k has no test set: no held-out accuracy during SFT (run evaluate.py on a d1 task afterwards)")
-elif args.eval_examples > 0:
-    eval_examples = test_examples(args.task, args.data_dir, args.eval_examples)
 eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
 
 # -----------------------------------------------------------------------------
@@ -212,7 +217,11 @@ def held_out_accuracy():
 # The loop
 
 model.train()
-bar = tqdm(total=args.max_steps, initial=start_step, desc="sft", disable=rank != 0, dynamic_ncols=True)
+# a time-budgeted run's bar counts seconds (its step budget is only a bound), any other run's counts steps
+timed = args.max_seconds > 0
+bar = tqdm(total=args.max_seconds if timed else args.max_steps, initial=0 if timed else start_step,
+           unit="s" if timed else "step", desc="sft", disable=rank != 0, dynamic_ncols=True,
+           bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]" if timed else None)
 t_start = time.time()
 final_step = args.max_steps
 for step in range(start_step, args.max_steps):
@@ -263,8 +272,8 @@ for step in range(start_step, args.max_steps):
         if eval_examples:
             record["eval_accuracy"] = held_out_accuracy()
     ddp.log_jsonl(metrics_path, record)
-    bar.update(1)
-    if rank == 0:
+    bar.update(min(time.time() - t_start, args.max_seconds) - bar.n if timed else 1)
+    if rank == 0 and ((step + 1) % args.log_every == 0 or "eval_accuracy" in record or last_step):
         bar.write(f"step {step + 1:05d}/{args.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                   f"grad {record['grad_norm']:.3f} | dt {record['dt_ms']:.0f}ms | tok/s {record['tok_per_s']:.0f}"
                   + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))

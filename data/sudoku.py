@@ -6,7 +6,7 @@ two tasks built on them.
   d1's own `4x4_test_sudoku.csv` (500 puzzles, all with 8 blanks; 124 of them have more than one
   solution, so d1's cell accuracy against the stored solution can never reach 100%). d1 trains on
   its `4x4_sudoku_unique_puzzles.csv`; we generate unique-solution puzzles instead.
-- `tiny_sudoku`: the laptop task of this repository (NOTES.md). A compact prompt (the puzzle as four
+- `tiny_sudoku`: the laptop task of this repository. A compact prompt (the puzzle as four
   rows of four digits, nothing else) for a ~200k-parameter character-level model, and a coverage
   split: SFT demonstrations come from only the first 16 training grids, GRPO prompts from all 240
   training grids, the test from 48 grids that neither stage sees.
@@ -226,7 +226,7 @@ def sudoku_examples(split, *, data_dir, style, limit, seed):
 
 
 # ---------------------------------------------------------------------------------------------------
-# tiny_sudoku: the laptop task (NOTES.md, "YES with a coverage split")
+# tiny_sudoku: the laptop task, with a coverage split (demonstrations from a few grids, RL prompts from all)
 
 TINY_SUDOKU_BLANKS = (6, 10)
 CANVAS_BLANK = "_"  # a canvas character the sampler must fill (one token of the character tokenizer)

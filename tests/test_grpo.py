@@ -255,6 +255,8 @@ def test_default_path(default_run, start):
     assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{3:06d}"
     assert max_difference(parameters(out), parameters(start)) > 0
     assert "done: model in" in run.stdout
+    # a line every --log-every steps (default 10) and at the last step
+    assert "step 00003/3" in run.stdout and "step 00001/3" not in run.stdout
 
 
 def test_full_reference_sync_mixes_the_policy_in(two_steps, start):
