@@ -20,6 +20,8 @@ Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo
       that model.load_model loads on its base, a KL against the reference, a mixed reference adapter;
   (c) + (f) beta = 0 (KL exactly 0 in every record) with --scale-rewards group, run over 2 gloo ranks,
       which keep the parameters identical;
+- the advantages are centred per group: greedy rollouts (identical completions, equal rewards > 0) with beta 0
+  leave the weights bitwise unchanged;
 - user errors: a missing --model folder points to `python sft.py`. (--prompts-per-step not divisible by the
   world size is not run here: a third 2-process launch costs ~6 CPU-seconds of the suite's budget.)
 """
@@ -322,6 +324,19 @@ def test_two_ranks_with_beta_0_and_group_scaled_rewards(start, workdir):
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     assert "eval_accuracy" in records[-1]  # the held-out evaluation is sharded over the ranks too
     assert (out / "model.safetensors").is_file()
+
+
+def test_identical_completions_give_zero_advantages_and_no_update(start, workdir):
+    """Greedy rollouts make the G completions of a prompt identical, so each group's rewards are equal and the
+    advantages r - mean(group) are all zero: with beta 0 the loss has no gradient and the weights do not move.
+    (Advantages left uncentred, or centred over the wrong axis, would be the positive rewards themselves.)"""
+    out = workdir / "greedy"
+    grpo(start, out, "--temperature", 0, "--beta", 0, "--weight-decay", 0, "--max-steps", 1, "--eval-examples", 0,
+         "--save-every", 0)
+    record = check_records(out, 1, evaluated=False)[0]
+    assert record["reward"] > 0 and record["reward_std"] == 0.0 and record["zero_std_ratio"] == 1.0
+    assert record["grad_norm"] == 0.0
+    assert_bitwise_equal(parameters(out), parameters(start))
 
 
 def test_missing_model_points_to_sft(tmp_path):
