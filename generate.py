@@ -21,6 +21,7 @@ Usage:
 """
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -35,9 +36,13 @@ def num_transfer_tokens(block_masked, steps):
     return n // steps + (step < n % steps).long()
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
-             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None):
+             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None,
+             cache="none", threshold=None, stats=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
     Rows of the batch are independent. Gumbel noise is drawn in float64 (as d1 does in its rollouts) from
@@ -45,7 +50,21 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is
     the completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
     positions are sampled (infilling); each block's steps split the masks the block actually has.
-    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA."""
+    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA.
+
+    The fast sampler (Fast-dLLM, Wu et al. 2025), as keyword options; the defaults are LLaDA's sampler:
+    - cache="prefix": the first forward pass of a block runs the whole sequence and keeps every layer's keys
+      and values; the block's other steps run the block and everything after it as queries, reading the
+      positions before the block (prompt, finished blocks) from that cache. cache="dual": the positions after
+      the block are read from the cache too, so a step runs the block's tokens alone. The cache is refreshed
+      at every block's first pass; the approximation is only its staleness within a block.
+    - threshold=tau: each step commits every masked position of the block whose confidence is >= tau, and
+      at least the most confident one (Fast-dLLM's parallel decoding); a block ends when its masks are gone,
+      so the number of steps varies and `steps` is not used. A row whose block is done commits nothing while
+      the other rows finish theirs, so a row's tokens do not depend on its batch.
+    - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
+      calls, each over the whole batch; cfg's two halves are one call), row_forward_passes (calls x rows) and
+      generated_tokens (positions sampled): forward passes per generated token = row / generated."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
@@ -54,6 +73,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                          f"({gen_length} / {block_length} = {num_blocks})")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, not {cache!r}")
+    if threshold is not None and (remasking != "low_confidence" or not 0 < threshold <= 1):
+        raise ValueError(f"threshold {threshold}: a confidence in (0, 1], with remasking='low_confidence'")
     steps_per_block = steps // num_blocks
     B, Lp = prompt_ids.shape
     device = prompt_ids.device
@@ -68,21 +91,38 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                                                                           device=device)], dim=1)
     if cfg_scale > 0:  # one batched pass for the conditional and the unconditional (prompt masked) rows
         attention_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+    counts = {"forward_passes": 0, "row_forward_passes": 0, "generated_tokens": int((x[:, Lp:] == mask_id).sum())}
 
     for block in range(num_blocks):
         start, end = Lp + block * block_length, Lp + (block + 1) * block_length
         transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
-        for i in range(steps_per_block):
-            k = transfers[:, i]  # (B,) tokens each row commits at this step
-            kmax = int(k.max())
-            if kmax == 0:  # nothing to commit (a block with fewer masks than steps): skip the forward pass
-                continue
+        # with a cache, the block's first pass runs the whole sequence, and the later ones run only these
+        queries = slice(start, None) if cache == "prefix" else slice(start, end)
+        past_kv = None
+        for i in itertools.count():
+            still_masked = x[:, start:end] == mask_id  # (B, block_length)
+            if threshold is None:
+                if i == steps_per_block:
+                    break
+                k = transfers[:, i]  # (B,) tokens each row commits at this step
+                if int(k.max()) == 0:  # nothing to commit (a block with fewer masks than steps): no forward pass
+                    continue
+            elif not still_masked.any():  # every row's block is done
+                break
+            inputs = x
             if cfg_scale > 0:
-                uncond = torch.where(prompt_index, torch.full_like(x, mask_id), x)
-                cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask, slice(start, end)).chunk(2)
-                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+                inputs = torch.cat([x, torch.where(prompt_index, torch.full_like(x, mask_id), x)])
+            if cache == "none":
+                logits = model(inputs, attention_mask, slice(start, end))
+            elif past_kv is None:  # the block's first pass: the whole sequence, and every layer's keys/values
+                logits, past_kv = model(inputs, attention_mask, slice(start, end), return_kv=True)
             else:
-                logits = model(x, attention_mask, slice(start, end))
+                logits = model(inputs, attention_mask, slice(start, end), past_kv=past_kv, queries=queries)
+            counts["forward_passes"] += 1
+            counts["row_forward_passes"] += B
+            if cfg_scale > 0:
+                cond_logits, uncond_logits = logits.chunk(2)
+                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             # only the current block can be committed: the logits and everything below are of it alone
             logits = logits.double()  # (B, block_length, V)
             logits[..., mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
@@ -96,8 +136,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                 confidence = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             else:
                 confidence = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
-            still_masked = x[:, start:end] == mask_id
             confidence = torch.where(still_masked, confidence, -torch.inf)
+            if threshold is not None:  # every masked position at least tau confident, at least one per unfinished row
+                k = (confidence >= threshold).sum(dim=-1).clamp(min=1) * still_masked.any(dim=-1)
+            kmax = int(k.max())
             # commit the k_b most confident positions of each row b, with no loop over rows:
             # take the top max(k) and keep the first k_b of them
             top = confidence.topk(kmax, dim=-1).indices  # (B, kmax)
@@ -105,6 +147,9 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             commit = torch.zeros_like(still_masked)
             commit.scatter_(1, top, keep)
             x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+    if stats is not None:
+        for key, value in counts.items():
+            stats[key] = stats.get(key, 0) + value
     return x
 
 
