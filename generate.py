@@ -153,6 +153,11 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     return x
 
 
+def forward_passes_per_token(stats):
+    """Forward passes per generated token from generate's `stats`: each pass costs every row of its batch."""
+    return stats["row_forward_passes"] / max(stats["generated_tokens"], 1)
+
+
 def completion_text(tokenizer, completion_ids, stop_ids):
     """Decode a completion cut before its first stop token (EOS / end-of-turn)."""
     ids = completion_ids.tolist()
