@@ -107,7 +107,7 @@ def test_no_cache_no_threshold_equals_slow_reference(make_model, steps, gen_leng
 def test_caches_with_one_step_per_block_are_exact(make_model, cfg_scale):
     """One step per block: every step is a block's first pass, a full forward, so the caches change nothing;
     with a canvas and padded prompts too. With more steps per block the tokens are complete and the given
-    canvas tokens are kept, and the forward passes are as many as the plain sampler's."""
+    canvas tokens are kept, and the forward passes are as many as the plain sampler's, over fewer rows."""
     model = confident_model(make_model, seed=3)
     mask_id = model.cfg.mask_token_id
     prompts = random_prompts(model, 3, 5, seed=4)
@@ -133,7 +133,9 @@ def test_caches_with_one_step_per_block_are_exact(make_model, cfg_scale):
             if "canvas" in options:
                 given = canvas != mask_id
                 assert torch.equal(many[:, 5:][given], canvas[given])
-            assert stats == plain_stats
+            # the same passes; each runs only the rows that commit something (one token each here)
+            assert stats["forward_passes"] == plain_stats["forward_passes"]
+            assert stats["row_forward_passes"] == stats["generated_tokens"] <= plain_stats["row_forward_passes"]
 
 
 # -----------------------------------------------------------------------------
@@ -170,24 +172,27 @@ def test_threshold_commits_at_least_one_and_all_confident(peak, expected_passes)
 
 
 @pytest.mark.parametrize("cache", MODES)
-def test_threshold_rows_are_independent_of_their_batch(make_model, cache):
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_threshold_rows_are_independent_of_their_batch(make_model, cache, cfg_scale):
     """Rows finish their blocks at different steps (the batch runs more passes than some of its rows
-    alone); a row's tokens are the same alone and in the batch."""
+    alone, and finished rows leave the pass and its cache); a row's tokens are the same alone and in the batch."""
     model = confident_model(make_model, seed=7)
     mask_id = model.cfg.mask_token_id
     prompts = random_prompts(model, 4, 5, seed=3)
     stats = {}
-    batch = G.generate(model, prompts, 6, 12, 4, mask_id=mask_id, cache=cache, threshold=0.9, stats=stats)
+    batch = G.generate(model, prompts, 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id, cache=cache, threshold=0.9,
+                       stats=stats)
     assert not (batch == mask_id).any()
     alone_passes = []
     for row in range(4):
         row_stats = {}
-        alone = G.generate(model, prompts[row:row + 1], 6, 12, 4, mask_id=mask_id, cache=cache, threshold=0.9,
-                           stats=row_stats)
+        alone = G.generate(model, prompts[row:row + 1], 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id, cache=cache,
+                           threshold=0.9, stats=row_stats)
         assert torch.equal(alone[0], batch[row]), row
         alone_passes.append(row_stats["forward_passes"])
     # each block takes as many passes as its slowest row
     assert stats["forward_passes"] >= max(alone_passes) > min(alone_passes)
+    assert stats["row_forward_passes"] == sum(alone_passes)  # each row ran only while its block had masks
     assert min(alone_passes) < 12  # some steps committed several tokens
 
 
