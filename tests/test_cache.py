@@ -224,3 +224,34 @@ def test_argument_errors(make_model):
         G.generate(model, prompts, 4, 8, 4, mask_id=mask_id, threshold=0.9, remasking="random")
     with pytest.raises(ValueError, match="threshold"):
         G.generate(model, prompts, 4, 8, 4, mask_id=mask_id, threshold=1.5)
+
+
+# -----------------------------------------------------------------------------
+# The benchmark's table
+
+
+def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
+    """`python generate.py --bench --bench-model DIR`, shrunk: a small random model and shape for (a), a saved
+    tiny checkpoint on 4 held-out puzzles for (b); one row per mode and workload, the plain rows at ratio 1
+    and, in (b), all tokens the same as themselves. Without --bench-model, (b) is skipped with a note."""
+    import argparse
+
+    import evaluate
+
+    tokenizer = M.build_tiny_tokenizer()
+    path = str(tmp_path / "tiny")
+    M.save_model(M.build_model("tiny", tokenizer, seed=0), tokenizer, path)
+    monkeypatch.setattr(G, "BENCH_SPEED_SHAPE", (2, 6, 8, 4, 4, 0.9))
+    monkeypatch.setattr(M, "build_model", lambda preset: make_model(seed=0))
+    examples = evaluate.test_examples("tiny_sudoku", "data/files", 4)
+    monkeypatch.setattr(evaluate, "test_examples", lambda task, data_dir: examples)
+    G.bench(argparse.Namespace(bench_model=path))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("(a) bench", "(b) tiny"))]
+    assert len(rows) == 12, rows
+    names = ["plain", "prefix", "dual", "plain + threshold 0.9", "prefix + threshold 0.9", "dual + threshold 0.9"]
+    for row, name in zip(rows, names + names):
+        assert f" {name} " in row, (row, name)
+    assert rows[0].split()[-4:] == ["1.00", "0.500", "-", "-"]  # plain: ratio 1, 4 passes for 8 tokens
+    assert rows[6].split()[-4] == "1.00" and rows[6].endswith(" 100.0%")  # plain against itself
+    G.bench(argparse.Namespace(bench_model=None))
+    assert "(b) skipped: pass --bench-model" in capsys.readouterr().out
