@@ -63,8 +63,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
       at least the most confident one (Fast-dLLM's parallel decoding); a block ends when its masks are gone,
       so the number of steps varies and `steps` is not used. A row whose block is done commits nothing while
       the other rows finish theirs, so a row's tokens do not depend on its batch.
+    - with either option, a pass runs only the rows that commit something at that step (LLaDA's sampler runs
+      every row at every step with a pass).
     - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
-      calls, each over the whole batch; cfg's two halves are one call), row_forward_passes (calls x rows) and
+      calls; cfg's two halves are one call), row_forward_passes (the rows each call ran, summed) and
       generated_tokens (positions sampled): forward passes per generated token = row / generated."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
