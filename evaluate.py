@@ -33,7 +33,7 @@ from tqdm import tqdm
 import ddp
 import model as M
 import rewards
-from generate import generate
+from generate import CACHE_MODES, forward_passes_per_token, generate
 
 # ---------------------------------------------------------------------------------------------------
 # Rescoring
@@ -208,18 +208,19 @@ def left_pad(prompts, pad_id, device):
 
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
-                      device="cpu", progress=True):
+                      device="cpu", progress=True, cache="none", threshold=None):
     """Greedy completions of `examples`, sharded over ranks (every world_size-th example), gathered and
     scored with rewards.score. Every rank returns the same dict: accuracy (fraction), correct, total,
     count, completions (in example order; the decoded text of all gen_length tokens, special tokens included, as d1
-    stores it), effective_tokens (mean tokens before the first stop token),
-    tokens_per_s, wall_s, and for Sudoku valid_rate (complete valid grids that keep the given cells)."""
+    stores it), effective_tokens (mean tokens before the first stop token), tokens_per_s, wall_s, the
+    sampler's cache and threshold (generate's fast-sampler options) with its forward_passes_per_token, and
+    for Sudoku valid_rate (complete valid grids that keep the given cells)."""
     rank, world = ddp.rank(), ddp.world_size()
     mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
     mine = list(range(len(examples)))[rank::world]
     prompts = {i: M.encode_prompt(tokenizer, examples[i]["prompt"], examples[i]["prefill"]) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    completions, lengths = {}, {}
+    completions, lengths, stats = {}, {}, {}
     t0 = time.time()
     for b in tqdm(range(0, len(mine), batch_size), desc=f"eval {task}", disable=not progress or rank != 0,
                   dynamic_ncols=True):
@@ -230,7 +231,8 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
         try:
             with ddp.autocast(device):
                 out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
-                               attention_mask=attention_mask, canvas=canvas)
+                               attention_mask=attention_mask, canvas=canvas, cache=cache, threshold=threshold,
+                               stats=stats)
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"a batch of {len(batch)} prompts x {prompt_ids.shape[1] + gen_length} tokens does "
                              "not fit in GPU memory: lower --batch-size") from None
@@ -240,11 +242,13 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
             completions[i] = tokenizer.decode(row, skip_special_tokens=False)
             lengths[i] = stop
     wall = time.time() - t0
-    gathered = ddp.gather_objects((completions, lengths, wall))
-    completions = {i: c for part, _, _ in gathered for i, c in part.items()}
-    lengths = {i: n for _, part, _ in gathered for i, n in part.items()}
+    gathered = ddp.gather_objects((completions, lengths, wall, stats))
+    completions = {i: c for part, _, _, _ in gathered for i, c in part.items()}
+    lengths = {i: n for _, part, _, _ in gathered for i, n in part.items()}
     completions = [completions[i] for i in range(len(examples))]
-    wall = max(w for _, _, w in gathered)
+    wall = max(w for _, _, w, _ in gathered)
+    stats = {key: sum(part.get(key, 0) for *_, part in gathered)
+             for key in ("forward_passes", "row_forward_passes", "generated_tokens")}
     correct = total = valid = 0
     for example, text in zip(examples, completions):
         c, t = rewards.score(task, text, **record_columns(example))
@@ -254,7 +258,8 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
     result = {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
               "count": len(examples), "completions": completions,
               "effective_tokens": sum(lengths.values()) / max(len(lengths), 1),
-              "tokens_per_s": len(examples) * gen_length / max(wall, 1e-9), "wall_s": wall}
+              "tokens_per_s": len(examples) * gen_length / max(wall, 1e-9), "wall_s": wall,
+              "cache": cache, "threshold": threshold, "forward_passes_per_token": forward_passes_per_token(stats)}
     if examples and "puzzle" in examples[0]:
         result["valid_rate"] = valid / len(examples)
     return result
@@ -312,6 +317,11 @@ if __name__ == "__main__":
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (d1: 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per sampler call on one rank")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--cache", default="none", choices=CACHE_MODES,
+                        help="the sampler's key/value cache (generate.py): none, prefix or dual")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="confidence-threshold parallel decoding: commit every position at least this "
+                             "confident (Fast-dLLM: 0.9); default: the fixed step schedule")
     parser.add_argument("--output-dir", default="out/eval", help="where the generations file is written")
     parser.add_argument("--rescore", nargs="+", metavar="PATH",
                         help="score generation files (or folders of *_generations.json) instead of generating")
@@ -324,6 +334,8 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if not args.model:
         parser.error("--model is required (or --rescore)")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise SystemExit(f"--threshold {args.threshold}: a confidence in (0, 1] (Fast-dLLM uses 0.9)")
     for path in args.model:
         if not os.path.isdir(path):
             raise SystemExit(f"--model {path!r} is not a folder (a checkpoint or adapter folder)")
@@ -334,7 +346,8 @@ if __name__ == "__main__":
     settings = {"gen_length": gen_length,
                 "steps": args.steps or (gen_length // 2 if args.gen_length else defaults["steps"]),
                 "block_length": args.block_length or min(defaults["block_length"], gen_length),
-                "batch_size": args.batch_size or defaults["batch_size"]}
+                "batch_size": args.batch_size or defaults["batch_size"], "cache": args.cache,
+                "threshold": args.threshold}
     try:
         examples = test_examples(args.task, args.data_dir, args.limit)
     except (FileNotFoundError, ValueError) as err:  # a missing or malformed test file: the message says what to do
@@ -349,13 +362,16 @@ if __name__ == "__main__":
         del model
         if rank == 0:
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+            sampler = ("" if args.cache == "none" else f"_{args.cache}") + (
+                "" if args.threshold is None else f"_t{args.threshold:g}")  # fast-sampler runs get their own file
             path = os.path.join(args.output_dir,
-                                f"{args.task}_{tag}_{gen_length}_{settings['steps']}_0_generations.json")
+                                f"{args.task}_{tag}_{gen_length}_{settings['steps']}{sampler}_0_generations.json")
             write_generations(path, examples, result, tokenizer,
                               {"model_path": model_path, "task": args.task, "world_size": world_size, **settings})
             print(format_table(rescore([path])))
             line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated "
-                    f"tok/s | wall {result['wall_s']:.1f}s")
+                    f"tok/s | {result['forward_passes_per_token']:.3f} forward passes per generated token | "
+                    f"wall {result['wall_s']:.1f}s")
             if "valid_rate" in result:
                 line += f" | valid complete solutions {100 * result['valid_rate']:.2f}%"
             print(line)

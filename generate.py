@@ -17,10 +17,12 @@ logits = uncond + (cfg_scale + 1) * (cond - uncond).
 
 Usage:
     python generate.py --model out/sft --prompt "1024\\n0300\\n0012\\n4000"
-    python generate.py --bench          # sampler vs bare forward passes, tiny and ~60M models
+    python generate.py --bench --bench-model out/sft    # the fast sampler's modes side by side
 """
 
 import argparse
+import itertools
+import os
 import time
 
 import torch
@@ -35,18 +37,39 @@ def num_transfer_tokens(block_masked, steps):
     return n // steps + (step < n % steps).long()
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
-             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None):
+             remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None,
+             cache="none", threshold=None, stats=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
     Rows of the batch are independent. Gumbel noise is drawn in float64 from `generator` when given (d1 draws it
     in the model's dtype, bf16, in its rollouts and in float32 in evaluation): low-precision Gumbel noise rounds
-    away the tails of the distribution, which samples at a lower temperature than asked. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
-    (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is
-    the completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
-    positions are sampled (infilling); each block's steps split the masks the block actually has.
-    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA."""
+    away the tails of the distribution, which samples at a lower temperature than asked. attention_mask (B, Lp)
+    marks real prompt tokens when prompts are left-padded (None: every position attends everywhere, as LLaDA and
+    d1 do). canvas (B, gen_length), optional, is the completion to start from instead of all [MASK]: its
+    non-mask tokens are kept and only its masked positions are sampled (infilling); each block's steps split the
+    masks the block actually has.
+    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA.
+
+    The fast sampler (Fast-dLLM, Wu et al. 2025), as keyword options; the defaults are LLaDA's sampler:
+    - cache="prefix": the first forward pass of a block runs the whole sequence and keeps every layer's keys
+      and values; the block's other steps run the block and everything after it as queries, reading the
+      positions before the block (prompt, finished blocks) from that cache. cache="dual": the positions after
+      the block are read from the cache too, so a step runs the block's tokens alone. The cache is refreshed
+      at every block's first pass; the approximation is only its staleness within a block.
+    - threshold=tau: each step commits every masked position of the block whose confidence is >= tau, and
+      at least the most confident one (Fast-dLLM's parallel decoding); a block ends when its masks are gone,
+      so the number of steps varies and `steps` is not used. A row whose block is done commits nothing while
+      the other rows finish theirs, so a row's tokens do not depend on its batch.
+    - with either option, a pass runs only the rows that commit something at that step (LLaDA's sampler runs
+      every row at every step with a pass).
+    - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
+      calls; cfg's two halves are one call), row_forward_passes (the rows each call ran, summed) and
+      generated_tokens (positions sampled): forward passes per generated token = row / generated."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
@@ -55,6 +78,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                          f"({gen_length} / {block_length} = {num_blocks})")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, not {cache!r}")
+    if threshold is not None and (remasking != "low_confidence" or not 0 < threshold <= 1):
+        raise ValueError(f"threshold {threshold}: a confidence in (0, 1], with remasking='low_confidence'")
     steps_per_block = steps // num_blocks
     B, Lp = prompt_ids.shape
     device = prompt_ids.device
@@ -69,44 +96,92 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                                                                           device=device)], dim=1)
     if cfg_scale > 0:  # one batched pass for the conditional and the unconditional (prompt masked) rows
         attention_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+    counts = {"forward_passes": 0, "row_forward_passes": 0, "generated_tokens": int((x[:, Lp:] == mask_id).sum())}
 
+    # the fast sampler runs only the rows with something to commit; LLaDA's runs every row at every step
+    fast = cache != "none" or threshold is not None
     for block in range(num_blocks):
         start, end = Lp + block * block_length, Lp + (block + 1) * block_length
         transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
-        for i in range(steps_per_block):
-            k = transfers[:, i]  # (B,) tokens each row commits at this step
-            kmax = int(k.max())
-            if kmax == 0:  # nothing to commit (a block with fewer masks than steps): skip the forward pass
-                continue
-            if cfg_scale > 0:
-                uncond = torch.where(prompt_index, torch.full_like(x, mask_id), x)
-                cond_logits, uncond_logits = model(torch.cat([x, uncond]), attention_mask, slice(start, end)).chunk(2)
-                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+        # with a cache, the block's first pass runs the whole sequence, and the later ones run only these
+        queries = slice(start, None) if cache == "prefix" else slice(start, end)
+        past_kv, cached_rows = None, None
+        for i in itertools.count():
+            still_masked = x[:, start:end] == mask_id  # (B, block_length)
+            if threshold is None:
+                if i == steps_per_block:
+                    break
+                k = transfers[:, i]  # (B,) tokens each row commits at this step
+                active = k > 0
             else:
-                logits = model(x, attention_mask, slice(start, end))
+                active = still_masked.any(dim=1)
+            if not active.any():  # nothing to commit (a block with fewer masks than steps, or done): no pass
+                if threshold is None:
+                    continue
+                break
+            # a row inactive now stays so for the rest of the block (k never grows, masks never return)
+            rows = active.nonzero().squeeze(1) if fast else None  # None: every row
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+            both = (lambda t: t) if rows is None else (lambda t: t[torch.cat([rows, rows + B])])  # noqa: E731
+            inputs = pick(x)
+            if cfg_scale > 0:  # one batched pass for the conditional and the unconditional (prompt masked) rows
+                inputs = torch.cat([inputs, torch.where(pick(prompt_index), torch.full_like(inputs, mask_id), inputs)])
+            mask_rows = None if attention_mask is None else (both if cfg_scale > 0 else pick)(attention_mask)
+            if cache == "none":
+                logits = model(inputs, mask_rows, slice(start, end))
+            elif past_kv is None:  # the block's first pass: the whole sequence, and every layer's keys/values
+                logits, past_kv = model(inputs, mask_rows, slice(start, end), return_kv=True)
+                cached_rows = rows
+            else:
+                if len(rows) < len(cached_rows):  # rows whose block is done leave the cache
+                    keep = torch.isin(cached_rows, rows)
+                    keep = keep if cfg_scale == 0 else torch.cat([keep, keep])
+                    past_kv = [(keys[keep], values[keep]) for keys, values in past_kv]
+                    cached_rows = rows
+                logits = model(inputs, mask_rows, slice(start, end), past_kv=past_kv, queries=queries)
+            counts["forward_passes"] += 1
+            counts["row_forward_passes"] += B if rows is None else len(rows)
+            if cfg_scale > 0:
+                cond_logits, uncond_logits = logits.chunk(2)
+                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             # only the current block can be committed: the logits and everything below are of it alone
-            logits = logits.double()  # (B, block_length, V)
+            logits = logits.double()  # (rows, block_length, V)
             logits[..., mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
-            if temperature > 0:
-                u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
+            if temperature > 0:  # drawn for every row, so the fast sampler's rows see the noise they would in full
+                u = pick(torch.rand((B, *logits.shape[1:]), dtype=torch.float64, device=device, generator=generator))
                 gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
                 x0 = (logits + temperature * gumbel).argmax(dim=-1)
             else:
-                x0 = logits.argmax(dim=-1)  # (B, block_length)
+                x0 = logits.argmax(dim=-1)  # (rows, block_length)
             if remasking == "low_confidence":
                 confidence = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             else:
-                confidence = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
-            still_masked = x[:, start:end] == mask_id
-            confidence = torch.where(still_masked, confidence, -torch.inf)
+                confidence = pick(torch.rand((B, block_length), dtype=torch.float64, device=device, generator=generator))
+            confidence = torch.where(pick(still_masked), confidence, -torch.inf)
+            if threshold is None:
+                k = pick(k)
+            else:  # every masked position at least tau confident, and at least one (every row here has a mask)
+                k = (confidence >= threshold).sum(dim=-1).clamp(min=1)
+            kmax = int(k.max())
             # commit the k_b most confident positions of each row b, with no loop over rows:
             # take the top max(k) and keep the first k_b of them
-            top = confidence.topk(kmax, dim=-1).indices  # (B, kmax)
+            top = confidence.topk(kmax, dim=-1).indices  # (rows, kmax)
             keep = torch.arange(kmax, device=device)[None, :] < k[:, None]
-            commit = torch.zeros_like(still_masked)
+            commit = torch.zeros_like(x0, dtype=torch.bool)
             commit.scatter_(1, top, keep)
-            x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+            if rows is None:
+                x[:, start:end] = torch.where(commit, x0, x[:, start:end])
+            else:
+                x[rows, start:end] = torch.where(commit, x0, x[rows, start:end])
+    if stats is not None:
+        for key, value in counts.items():
+            stats[key] = stats.get(key, 0) + value
     return x
+
+
+def forward_passes_per_token(stats):
+    """Forward passes per generated token from generate's `stats`: each pass costs every row of its batch."""
+    return stats["row_forward_passes"] / max(stats["generated_tokens"], 1)
 
 
 def completion_text(tokenizer, completion_ids, stop_ids):
@@ -120,39 +195,82 @@ def completion_text(tokenizer, completion_ids, stop_ids):
 
 
 # -----------------------------------------------------------------------------
-# The benchmark: how much of the sampler's time is the model's forward passes?
+# The benchmark: the fast sampler's modes side by side, in one run
+
+BENCH_THRESHOLD = 0.9  # Fast-dLLM's tau
+# (a) speed at d1's rollout shape: batch, prompt length, gen_length, block_length, steps, temperature
+BENCH_SPEED_SHAPE = (4, 200, 256, 32, 128, 0.9)
+# (b) quality on a trained tiny_sudoku model, greedy, with several blocks per completion so that stale
+# caches can matter (the answer is 19 characters + EOS)
+BENCH_QUALITY_SHAPE = {"gen_length": 20, "block_length": 5, "steps": 20, "batch_size": 250}
+
+
+def same_token_share(tokenizer, texts, reference_texts, canvases, mask_id):
+    """The share of sampled token positions where two lists of completions agree: positions up to the
+    longer completion of each pair, less the given tokens of its canvas (canvases: lists of ids, [MASK]
+    where the sampler fills in, or None)."""
+    same = total = 0
+    for text, reference, canvas in zip(texts, reference_texts, canvases):
+        a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (text, reference))
+        for j in range(max(len(a), len(b))):
+            if canvas is None or j >= len(canvas) or canvas[j] == mask_id:
+                same += j < min(len(a), len(b)) and a[j] == b[j]
+                total += 1
+    return same / max(total, 1)
 
 
 def bench(args):
+    """Prints one table: plain, prefix and dual cache, each without and with threshold decoding, on
+    (a) a random ~60M model at d1's rollout shape (speed) and (b) a trained tiny_sudoku checkpoint
+    (--bench-model; held-out accuracy and tokens identical to the plain sampler's)."""
+    import evaluate
     import model as M
 
-    def time_it(fn, repeats):
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - t0) / repeats
-
     torch.set_grad_enabled(False)
-    settings = [  # (preset, batch, prompt length, gen_length, block_length, steps)
-        ("tiny", 16, 24, 32, 16, 16),
-        ("bench-60m", 2, 32, 64, 32, 32),
-    ]
-    tokenizer = M.build_tiny_tokenizer()
-    print(f"{'model':>10} {'params':>8} {'B':>3} {'Lp':>4} {'gen':>4} {'steps':>5} | {'sampler s':>9} "
-          f"{'forwards s':>10} {'sampler/fwd':>11} | {'tok/s':>8}")
-    for preset, B, Lp, gen_length, block_length, steps in settings:
-        model = M.build_model(preset, tokenizer if preset == "tiny" else None).eval()
-        mask_id = model.cfg.mask_token_id
-        prompt = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp), generator=torch.Generator().manual_seed(0))
-        full = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp + gen_length))
-        repeats = 1 if preset != "tiny" else 3
-        t_sampler = time_it(lambda: generate(model, prompt, steps, gen_length, block_length, 0.9,
-                                             mask_id=mask_id, generator=torch.Generator().manual_seed(0)), repeats)
-        block = slice(Lp, Lp + block_length)  # the sampler's forwards return one block's logits
-        t_forward = time_it(lambda: [model(full, None, block) for _ in range(steps)], repeats)
-        print(f"{preset:>10} {M.num_parameters(model) / 1e6:>7.1f}M {B:>3} {Lp:>4} {gen_length:>4} {steps:>5} | "
-              f"{t_sampler:>9.3f} {t_forward:>10.3f} {t_sampler / t_forward:>11.2f} | {B * gen_length / t_sampler:>8.1f}")
+    modes = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
+    name = lambda cache, threshold: ("plain" if cache == "none" else cache) + (  # noqa: E731
+        "" if threshold is None else f" + threshold {threshold}")
+    header = (f"{'workload':<30} {'sampler':<24} {'tok/s':>8} {'x plain':>8} {'fwd/token':>9} "
+              f"{'accuracy':>8} {'same tokens':>11}")
+    print(header + "\n" + "-" * len(header), flush=True)
+
+    B, Lp, gen_length, block_length, steps, temperature = BENCH_SPEED_SHAPE
+    model = M.build_model("bench-60m").eval()
+    workload = f"(a) bench-60m random B{B} {Lp}+{gen_length}"
+    prompt = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp), generator=torch.Generator().manual_seed(0))
+    model(prompt)  # warm-up
+    plain = None
+    for cache, threshold in modes:
+        stats = {}
+        t0 = time.perf_counter()
+        generate(model, prompt, steps, gen_length, block_length, temperature, mask_id=model.cfg.mask_token_id,
+                 generator=torch.Generator().manual_seed(0), cache=cache, threshold=threshold, stats=stats)
+        tokens_per_s = B * gen_length / (time.perf_counter() - t0)
+        plain = plain or tokens_per_s
+        print(f"{workload:<30} {name(cache, threshold):<24} {tokens_per_s:>8.1f} {tokens_per_s / plain:>8.2f} "
+              f"{forward_passes_per_token(stats):>9.3f} {'-':>8} {'-':>11}", flush=True)
+
+    if args.bench_model is None:
+        print("(b) skipped: pass --bench-model DIR, a trained tiny_sudoku checkpoint (e.g. `python sft.py`'s out/sft)")
+        return
+    model, tokenizer = M.load_model(args.bench_model).eval(), M.load_tokenizer(args.bench_model)
+    examples = evaluate.test_examples("tiny_sudoku", "data/files")
+    q = BENCH_QUALITY_SHAPE
+    workload = f"(b) {os.path.basename(os.path.normpath(args.bench_model))} {len(examples)} held-out"
+    reference = None
+    for cache, threshold in modes:
+        result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, progress=False, cache=cache,
+                                            threshold=threshold, **q)
+        reference = reference or result
+        canvases = [evaluate.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
+        same = same_token_share(tokenizer, result["completions"], reference["completions"], canvases,
+                                model.cfg.mask_token_id)
+        print(f"{workload:<30} {name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
+              f"{result['tokens_per_s'] / reference['tokens_per_s']:>8.2f} {result['forward_passes_per_token']:>9.3f} "
+              f"{100 * result['accuracy']:>7.1f}% {100 * same:>10.1f}%", flush=True)
+    print(f"(a) {steps} steps in blocks of {block_length}, temperature {temperature}; (b) gen_length "
+          f"{q['gen_length']}, blocks of {q['block_length']}, {q['steps']} steps, greedy, batch {q['batch_size']}; "
+          "fwd/token: forward passes x rows / generated tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -172,8 +290,13 @@ if __name__ == "__main__":
                         help="which masked positions to commit first")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--bench", action="store_true", help="time the sampler against its bare forward passes")
+    parser.add_argument("--bench", action="store_true",
+                        help="benchmark plain / prefix / dual cache, without and with threshold decoding")
+    parser.add_argument("--bench-model", default=None,
+                        help="a trained tiny_sudoku checkpoint for the benchmark's quality workload (b)")
     args = parser.parse_args()
+    if args.bench_model is not None and (not args.bench or not os.path.isdir(args.bench_model)):
+        parser.error(f"--bench-model {args.bench_model!r}: a checkpoint folder, with --bench")
     if args.bench:
         bench(args)
         raise SystemExit(0)

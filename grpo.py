@@ -57,7 +57,7 @@ import ddp
 import model as M
 import rewards
 from evaluate import EVAL_DEFAULTS, encode_canvas, evaluate_examples, left_pad, record_columns, test_examples
-from generate import generate
+from generate import CACHE_MODES, forward_passes_per_token, generate
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -83,6 +83,11 @@ parser.add_argument("--diffusion-steps", type=int, default=None, help="sampler s
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (Gumbel noise scale; d1: 0.9)")
 parser.add_argument("--max-prompt-length", type=int, default=0,
                     help="keep only the last N prompt tokens in rollouts (d1: 200, TRL's left truncation); 0 = all")
+parser.add_argument("--rollout-cache", default="none", choices=CACHE_MODES,
+                    help="the rollout sampler's key/value cache (generate.py, Fast-dLLM): none, prefix or dual")
+parser.add_argument("--rollout-threshold", type=float, default=None,
+                    help="rollouts commit every position at least this confident per step (Fast-dLLM: 0.9); "
+                         "default: the fixed step schedule")
 # diffu-GRPO
 parser.add_argument("--num-iterations", type=int, default=4, help="mu: inner updates per rollout batch (d1: 12)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference")
@@ -142,6 +147,8 @@ gen_length = args.max_completion_length or defaults["gen_length"]
 block_length = args.block_length or min(defaults["block_length"], gen_length)
 diffusion_steps = args.diffusion_steps or defaults["steps"]
 epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+if args.rollout_threshold is not None and not 0 < args.rollout_threshold <= 1:
+    raise SystemExit(f"--rollout-threshold {args.rollout_threshold}: a confidence in (0, 1] (Fast-dLLM uses 0.9)")
 ddp.print0(f"args: {json.dumps(vars(args))}")
 ddp.print0(f"world {world_size} | {args.prompts_per_step} prompts x G={args.num_generations} per step = "
            f"{prompts_per_rank} prompts ({rollouts_per_rank} rollouts) per rank | micro-batch {micro} x "
@@ -231,6 +238,9 @@ def save(step):
 # Rollouts
 
 
+sampler_stats = {}  # the last rollout's forward passes and generated tokens (generate's stats)
+
+
 @torch.no_grad()
 def rollout(step, prompt_indices):
     """G completions of each prompt. Returns the (N, Lp + gen_length) sequences, the prompt attention
@@ -248,6 +258,7 @@ def rollout(step, prompt_indices):
                                for i in prompt_indices for _ in range(args.num_generations)], device=device)
     model.eval()
     outputs = []
+    sampler_stats.clear()
     for b in range(0, len(rows), generation_batch):
         with ddp.autocast(device):
             outputs.append(generate(
@@ -255,7 +266,8 @@ def rollout(step, prompt_indices):
                 args.temperature, mask_id=mask_id,
                 attention_mask=None if prompt_mask is None else prompt_mask[b:b + generation_batch],
                 generator=ddp.generator(args.seed, step, rank, b, device=device),
-                canvas=None if canvas is None else canvas[b:b + generation_batch]))
+                canvas=None if canvas is None else canvas[b:b + generation_batch],
+                cache=args.rollout_cache, threshold=args.rollout_threshold, stats=sampler_stats))
     sequences = torch.cat(outputs)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
     is_eos = completion_ids == tokenizer.eos_token_id
@@ -407,6 +419,7 @@ for step in range(start_step, args.max_steps):
     dt = time.time() - t0
     record = {"step": step + 1, **metrics, "lr": lr, "rollout_s": t_rollout, "update_s": t_update,
               "tok_per_s": args.prompts_per_step * args.num_generations * gen_length / dt}
+    record["rollout_forward_passes_per_token"] = forward_passes_per_token(sampler_stats)  # rank 0's
     if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last_step:
         if eval_examples:
             record["eval_accuracy"] = held_out_accuracy()

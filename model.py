@@ -170,7 +170,12 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)  # down
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, past_kv=None, queries=None, return_kv=False):
+        """x (B, L, d_model) -> x. For key/value caching, x may hold only positions queries = (q0, q1) of a
+        longer sequence, cos/sin (Lq, head_dim) being their RoPE rows (their absolute positions): the keys and
+        values of the other positions then come from past_kv = (k, v), each (B, n_kv_heads, L_all, head_dim)
+        after RoPE. return_kv=True returns (x, (k, v)), the keys and values of the whole sequence this
+        attention read: the queried positions' own in place of past_kv's."""
         B, L, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
@@ -180,6 +185,11 @@ class Block(nn.Module):
         dtype = q.dtype
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        if past_kv is not None:  # the cached keys/values before and after the queried positions
+            (q0, q1), (past_k, past_v) = queries, past_kv
+            k = torch.cat([past_k[:, :, :q0], k, past_k[:, :, q1:]], dim=2)  # (B, n_kv_heads, L_all, D)
+            v = torch.cat([past_v[:, :, :q0], v, past_v[:, :, q1:]], dim=2)
+        kv = (k, v)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -187,7 +197,8 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return (x, kv) if return_kv else x
 
 
 class LLaDA(nn.Module):
@@ -219,24 +230,50 @@ class LLaDA(nn.Module):
             self._rope_cache = {key: rope_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
-    def forward(self, input_ids, attention_mask=None, positions=slice(None)):
+    def forward(self, input_ids, attention_mask=None, positions=slice(None), past_kv=None, queries=slice(None),
+                return_kv=False):
         """input_ids (B, L) -> logits (B, L, V). attention_mask (B, L) of 0/1 hides padded keys;
         without it every position attends to every position, exactly as LLaDA did for d1. `positions`, a
         slice, keeps the logits of those positions only: the sampler reads one block and the estimator the
-        completion, and at a 126k vocabulary the LM head over the prompt would cost memory for nothing."""
+        completion, and at a 126k vocabulary the LM head over the prompt would cost memory for nothing.
+
+        Key/value caching (the sampler's prefix and dual caches, Fast-dLLM, Wu et al. 2025): `queries`, a
+        slice of input_ids' positions, are the only positions run through the network (RoPE at their
+        absolute positions); every other position's keys and values come from past_kv, a list of per-layer
+        (k, v) of the whole sequence (B, n_kv_heads, L, head_dim) after RoPE, as return_kv=True returns them
+        (then the result is (logits, kv), the queried positions' keys and values in place of past_kv's).
+        `positions` are absolute and must lie within `queries`. Cached calls are never checkpointed."""
         B, L = input_ids.shape
         cos, sin = self.rope(L, input_ids.device)
         attn_mask = None
         if attention_mask is not None:
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L) over keys
-        x = self.wte(input_ids)
-        for block in self.blocks:
+        caching = past_kv is not None or return_kv
+        if caching:  # the queried positions only: (B, Lq, d_model) and their RoPE rows
+            q0, q1, step = queries.indices(L)
+            if step != 1 or (q0, q1) != (0, L) and past_kv is None:
+                raise ValueError(f"queries {queries} need past_kv for the positions outside them (and a step of 1)")
+            p0, p1, p_step = positions.indices(L) if positions != slice(None) else (q0, q1, 1)  # default: all queried
+            if p1 > p0 and (p0 < q0 or p1 > q1):
+                raise ValueError(f"positions {positions} must lie within queries {queries}")
+            x = self.wte(input_ids[:, q0:q1])
+            cos, sin = cos[q0:q1], sin[q0:q1]
+            positions = slice(p0 - q0, p1 - q0, p_step) if p1 > p0 else slice(0, 0)
+            kv = []
+        else:
+            x = self.wte(input_ids)
+        for i, block in enumerate(self.blocks):
+            if caching:
+                x, layer_kv = block(x, cos, sin, attn_mask, None if past_kv is None else past_kv[i], (q0, q1),
+                                    return_kv=True)
+                kv.append(layer_kv)
             # on whenever a backward will follow (GRPO computes its gradients in eval mode: no dropout)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
-        return self.ff_out(self.ln_f(x[:, positions]))[..., : self.cfg.vocab_size]
+        logits = self.ff_out(self.ln_f(x[:, positions]))[..., : self.cfg.vocab_size]
+        return (logits, kv) if return_kv else logits
 
 
 def num_parameters(model):

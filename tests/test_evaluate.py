@@ -15,7 +15,9 @@ Guards evaluation, `evaluate.py`: run as a subprocess on tiny checkpoints, and `
   np.random.choice(500, 256, replace=False)` picks (the slow reference, written here with the global generator
   d1 seeds), in that order; the stored generation is the text of all gen_length tokens, as d1 stores it;
 - evaluate_examples: with left padding and its attention mask, a prompt's greedy completion does not depend
-  on the other prompts of its batch (without the mask it does, for the same model).
+  on the other prompts of its batch (without the mask it does, for the same model);
+- the fast sampler's options: `--cache` and `--threshold` reach the sampler, name their own file and are
+  recorded in it with the forward passes per generated token; evaluate_examples(cache=, threshold=) too.
 """
 
 import copy
@@ -229,3 +231,32 @@ def test_stored_generation_is_the_whole_canvas_text(tokenizer):
     ids = tokenizer(result["completions"][0], add_special_tokens=False)["input_ids"]
     assert len(ids) == 24  # every generated token is in the text, the EOS after the grid and what follows it
     assert ids[19] == tokenizer.eos_token_id and result["effective_tokens"] == 19
+
+
+def test_fast_sampler_options_are_recorded(models, tokenizer):
+    """cache/threshold reach the sampler: the result records them and the forward passes per generated token;
+    with one step per token (steps = gen_length) the plain sampler needs one pass per token (cached ones too),
+    threshold decoding fewer (the digit writer spreads its confidence over 4 digits)."""
+    model = M.load_model(models[1]).eval()
+    examples = evaluate.test_examples("tiny_sudoku", "data/files", 3)
+    settings = dict(gen_length=20, steps=20, block_length=5, batch_size=1, progress=False)
+    plain = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, **settings)
+    assert (plain["cache"], plain["threshold"], plain["forward_passes_per_token"]) == ("none", None, 1.0)
+    dual = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, cache="dual", **settings)
+    assert (dual["cache"], dual["forward_passes_per_token"]) == ("dual", 1.0)
+    fast = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, cache="prefix", threshold=0.2,
+                                      **settings)
+    assert (fast["cache"], fast["threshold"]) == ("prefix", 0.2) and fast["forward_passes_per_token"] < 1.0
+
+
+def test_cli_fast_sampler_flags(models, tmp_path):
+    out = tmp_path / "eval"
+    run_script("evaluate.py", "--model", models[1], "--task", "tiny_sudoku", "--limit", 4, "--block-length", 5,
+               "--cache", "dual", "--threshold", 0.9, "--output-dir", out)
+    (path,) = glob.glob(os.path.join(out, "*_generations.json"))
+    assert os.path.basename(path) == "tiny_sudoku_digits_20_20_dual_t0.9_0_generations.json"
+    written = load(path)
+    assert (written["cache"], written["threshold"], written["block_length"]) == ("dual", 0.9, 5)
+    assert (written["metrics"]["cache"], written["metrics"]["threshold"]) == ("dual", 0.9)
+    assert written["metrics"]["forward_passes_per_token"] > 0
+    assert [row["setup"] for row in evaluate.rescore([path])] == ["tiny_sudoku_digits_20_20_dual_t0.9"]

@@ -17,7 +17,8 @@ Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo
   exact resume of that run: 3 uninterrupted steps vs 2 steps then the same command with `--max-steps 3
   --resume` (the final checkpoint of the 2-step run is its step-2 state): bitwise equal parameters;
   (b) + (d) + (e) LoRA with mu = 1 and beta > 0 (a crash in d1) and --sync-ref-every 1: an adapter folder
-      that model.load_model loads on its base, a KL against the reference, a mixed reference adapter;
+      that model.load_model loads on its base, a KL against the reference, a mixed reference adapter; its
+      rollouts use the fast sampler (--rollout-cache dual --rollout-threshold): fewer forward passes per token;
   (c) + (f) beta = 0 (KL exactly 0 in every record) with --scale-rewards group, run over 2 gloo ranks,
       which keep the parameters identical;
 - the advantages are centred per group: greedy rollouts (identical completions, equal rewards > 0) with beta 0
@@ -242,6 +243,7 @@ def two_steps(start, workdir):
 def test_default_path(default_run, start):
     out, run = default_run
     records = check_records(out, 3)
+    assert all(r["rollout_forward_passes_per_token"] >= 1 for r in records)  # the plain sampler's schedule
     # the policy has not moved at the first inner iteration: old and current log-probs are the same numbers
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     # the digit model earns rewards with a spread inside groups, so advantages and the update are not zero
@@ -294,9 +296,13 @@ def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
     mix is test_model.py's). --max-prompt-length 12 keeps the last 12 prompt tokens of every rollout."""
     out = workdir / "lora"
     grpo(start, out, "--lora-r", 4, "--num-iterations", 1, "--sync-ref-every", 1, "--max-steps", 2,
-         "--eval-examples", 0, "--save-every", 0, "--max-prompt-length", 12)
+         "--eval-examples", 0, "--save-every", 0, "--max-prompt-length", 12, "--rollout-cache", "dual",
+         "--rollout-threshold", 0.2)
     records = check_records(out, 2, evaluated=False)
     assert all(r["prompt_length"] == 12 for r in records)
+    # the digit writer is >= 0.2 confident of a digit in every blank: all of a rollout's blanks in one
+    # pass (the plain sampler: one pass per blank of its longest row, more than 1 per token)
+    assert all(0 < r["rollout_forward_passes_per_token"] < 0.5 for r in records)
     assert records[-1]["kl"] > 0  # the reference pass ran with mu = 1 and differs from the moved policy
     assert M.is_adapter(str(out)) and os.path.samefile(M.adapter_base(str(out)), start)
     tuned, base = M.load_model(str(out)), M.load_model(start)
