@@ -14,19 +14,21 @@ import time
 import rewards as r
 
 
+def _one(reward):
+    return lambda text: reward([text])[0]
+
+
 def _d1_group(pattern):
     return lambda text: r._group(pattern.search(text))
 
 
 D1_CALLS = {
     "answer tags": (r.ANSWER_TAGS.findall, r.answer_tags),
-    "strict format": (lambda text: r.STRICT_FORMAT.match(text) is not None, r.strict_format),
-    "soft format": (lambda text: r.SOFT_FORMAT.match(text) is not None, r.soft_format),
+    "strict format": (lambda text: float(r.STRICT_FORMAT.match(text) is not None), _one(r.strict_format_reward)),
+    "soft format": (lambda text: float(r.SOFT_FORMAT.match(text) is not None), _one(r.soft_format_reward)),
     "gsm8k boxed": (r.GSM8K_BOXED.findall, lambda text: list(r.gsm8k_boxes(text))),
     "countdown equation": (_d1_group(r.COUNTDOWN_EQUATION), r.countdown_equation_left),
-    "sudoku code block": (_d1_group(r.SUDOKU_PATTERNS[0]), r.sudoku_code_block),
-    "sudoku answer": (_d1_group(r.SUDOKU_PATTERNS[1]), r.sudoku_answer),
-    "sudoku digits before </answer>": (_d1_group(r.SUDOKU_PATTERNS[3]), r.sudoku_digits_before_close),
+    **{f"sudoku pattern {i}": (_d1_group(r.SUDOKU_PATTERNS[i]), r._SUDOKU_PARSES[i]) for i in (0, 1, 3)},
 }
 
 

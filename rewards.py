@@ -1,30 +1,24 @@
 """Rewards and answer checking for every task: pure functions, no torch.
 
-Two users, one set of checkers:
+GRPO calls `reward_functions(task)`: [(fn, weight), ...], where `fn(completions, **columns)` scores
+each completion in [0, 1] (or d1's 0.1 partial credit), every column a list aligned with the
+completions (d1's names: `answer`; `numbers`, `target`; `puzzle`, `solution`); the weights carry
+d1's scales, so the weighted sum is d1's reward (diffu-grpo/reward_func.py). Evaluation calls
+`score(task, completion, **columns) -> (correct, total)`, which parses as d1's evaluation does
+(eval/parse_and_get_acc.py: \boxed{} first, then the answer tags) and reproduces d1's accuracies on
+its released generations (evaluate.py --rescore). Both end in the same checkers (`is_equiv`,
+`check_countdown`, `sudoku_cells_correct`).
 
-- diffu-GRPO calls `reward_functions(task)`: a list of (fn, weight); `fn(completions, **columns)`
-  returns a list of floats, every column a list aligned with the completions (d1's names: gsm8k and
-  math500 `answer`, countdown `numbers` and `target`, sudoku `puzzle` and `solution`). Each fn scores
-  in [0, 1] (or d1's 0.1 partial credit) and the weight carries d1's scale, so the weighted sum is
-  d1's reward. Answers are read as d1's GRPO rewards read them (diffu-grpo/reward_func.py).
-- evaluation calls `score(task, completion, **columns) -> (correct, total)`, which reads answers as
-  d1's evaluation does (eval/parse_and_get_acc.py): \\boxed{} first, then the answer tags. On d1's
-  released LLaDA generations it reproduces d1's published accuracies (evaluate.py --rescore).
+A completion is untrusted text: nothing here calls eval/exec, text past MAX_COMPLETION_CHARS is
+ignored, and every parse is linear in the text. d1's regular expressions are used as written; where
+Python's re is quadratic on hostile text, one is applied only where it can match, or a parser
+replaces it (hostile.py pairs each with d1's call: tests fuzz the two equal, --bench times both).
 
-Both end in the same checkers (`is_equiv`, `check_countdown`, `sudoku_cells_correct`). As in d1,
-GSM8K's training reward compares the answer-tag text with the answer string, evaluation the number.
-
-A completion is untrusted text: nothing here calls eval/exec, text beyond MAX_COMPLETION_CHARS is
-ignored, and every parse takes time linear in the text. d1's regular expressions are used as d1
-writes them; where Python's re takes quadratic time on hostile text, the expression is applied only
-where it can match, or a small parser replaces it. D1_CALLS pairs each such call with d1's: tests
-check they agree on random text, and `python rewards.py --bench` times both.
-
-Where d1's code does not do what it says, we do what it says and say so at the spot:
-- the `\\boxed` test of d1's boxed_in_answer is not a raw string (a backspace), so it never fires;
-- d1's Countdown check runs eval() on model text (`9**9**9**9` hangs training);
-- GSM8K's integer reward uses str.isdigit, which accepts superscripts and other scripts' digits;
-- d1's first format regexes lacked re.DOTALL, so multi-line reasoning never matched.
+Where d1's code does not do what it says, we do what it says:
+- boxed_in_answer's `"\boxed"` is not a raw string (a backspace), so it never fires;
+- the Countdown check runs eval() on model text (`9**9**9**9` hangs training);
+- the integer reward's str.isdigit accepts superscripts and other scripts' digits;
+- the first format regexes lacked re.DOTALL, so multi-line reasoning never matched.
 """
 
 import argparse
@@ -39,9 +33,7 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 def _text(completion):
     """The completion as a bounded string (None becomes "")."""
-    if not isinstance(completion, str):
-        completion = "" if completion is None else str(completion)
-    return completion[:MAX_COMPLETION_CHARS]
+    return ("" if completion is None else str(completion))[:MAX_COMPLETION_CHARS]
 
 
 def _group(match):
@@ -216,13 +208,6 @@ def gsm8k_number(completion):
     return _float_or_number(tags[0].strip(), -1) if tags and tags[0].strip() else None
 
 
-def _gsm8k_answer_text(answer):
-    """d1's GSM8K `answer` column is the text after '####'; a float ground truth is written as one."""
-    if isinstance(answer, float) and answer.is_integer():
-        return str(int(answer))
-    return str(answer).strip()
-
-
 def _count_xml(text):
     """d1's count_xml: 0.125 per well-placed tag, minus 0.001 per character after </answer>."""
     count = 0.0
@@ -249,26 +234,20 @@ STRICT_FORMAT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</a
 SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 
 
-def strict_format(text):
-    """STRICT_FORMAT.match(text), tried only on text that ends as it must ($ also matches before a
-    final newline): else its second .*? scans to the end once per "</reasoning>...<answer>"."""
-    return text.endswith(("\n</answer>\n", "\n</answer>\n\n")) and STRICT_FORMAT.match(text) is not None
-
-
-def soft_format(text):
-    """SOFT_FORMAT.match(text), read up to the last </answer> (as answer_tags, for the same reason)."""
-    end = text.rfind(ANSWER_CLOSE)
-    return end >= 0 and SOFT_FORMAT.match(text, 0, end + len(ANSWER_CLOSE)) is not None
-
-
 def strict_format_reward(completions, **columns):
-    """1.0 when the whole completion is exactly d1's format (weight 0.5)."""
-    return [1.0 if strict_format(_text(c)) else 0.0 for c in completions]
+    """1.0 when the whole completion is exactly d1's format (weight 0.5). STRICT_FORMAT is tried
+    only on text that ends as it must ($ also matches before a final newline): on other text its
+    second .*? scans to the end once per "</reasoning>...<answer>" (quadratic)."""
+    texts = [_text(c) for c in completions]
+    return [1.0 if t.endswith(("\n</answer>\n", "\n</answer>\n\n")) and STRICT_FORMAT.match(t) else 0.0
+            for t in texts]
 
 
 def soft_format_reward(completions, **columns):
-    """1.0 when the completion starts with reasoning tags followed by answer tags (weight 0.5)."""
-    return [1.0 if soft_format(_text(c)) else 0.0 for c in completions]
+    """1.0 when the completion starts with reasoning tags followed by answer tags (weight 0.5).
+    SOFT_FORMAT reads up to the last </answer> only, as answer_tags does and for the same reason."""
+    texts = [_text(c) for c in completions]
+    return [1.0 if SOFT_FORMAT.match(t, 0, t.rfind(ANSWER_CLOSE) + len(ANSWER_CLOSE)) else 0.0 for t in texts]
 
 
 def integer_answer_reward(completions, **columns):
@@ -279,9 +258,10 @@ def integer_answer_reward(completions, **columns):
 
 
 def gsm8k_correctness_reward(completions, answer, **columns):
-    """1.0 when the answer-tag text equals the reference answer string exactly (weight 2.0)."""
-    return [1.0 if last_answer_tag_text(_text(c)) == _gsm8k_answer_text(a) else 0.0
-            for c, a in zip(completions, answer)]
+    """1.0 when the answer-tag text equals the reference answer string exactly (weight 2.0): d1's
+    `answer` column is the text after '####' (a float ground truth is written as one)."""
+    answer = [str(int(a)) if isinstance(a, float) and a.is_integer() else str(a).strip() for a in answer]
+    return [1.0 if last_answer_tag_text(_text(c)) == a else 0.0 for c, a in zip(completions, answer)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -527,21 +507,14 @@ def sudoku_code_block(text):
     return None
 
 
-def sudoku_answer(text):
-    """_group(SUDOKU_PATTERNS[1].search(text)), tried at the first <answer> only: where it fails
-    there it fails at every later one, each after scanning the rest (quadratic)."""
-    start = text.find(ANSWER_OPEN)
-    return _group(SUDOKU_PATTERNS[1].match(text, start)) if start >= 0 else None
-
-
-def sudoku_digits_before_close(text):
-    """_group(SUDOKU_PATTERNS[3].search(text)) as one match at 0: the leading .*? already tries every
-    start, and search would try it again from each (quadratic)."""
-    return _group(SUDOKU_PATTERNS[3].match(text))
-
-
-_SUDOKU_PARSES = (sudoku_code_block, sudoku_answer, lambda t: _group(SUDOKU_PATTERNS[2].search(t)),
-                  sudoku_digits_before_close, lambda t: _group(SUDOKU_PATTERNS[4].search(t)))
+_SUDOKU_PARSES = (                   # each _group(d1's re.search(pattern, text)), in linear time
+    sudoku_code_block,
+    # where the search fails at the first <answer> it fails at every later one, after scanning the rest
+    lambda t: _group(SUDOKU_PATTERNS[1].match(t, t.find(ANSWER_OPEN))) if ANSWER_OPEN in t else None,
+    lambda t: _group(SUDOKU_PATTERNS[2].search(t)),
+    # the leading .*? already tries every start, which search would try again from each
+    lambda t: _group(SUDOKU_PATTERNS[3].match(t)),
+    lambda t: _group(SUDOKU_PATTERNS[4].search(t)))
 
 
 def sudoku_grid_d1(text):
@@ -565,11 +538,8 @@ def first_digits(text, count=SUDOKU_CELLS):
 def tiny_sudoku_cells_reward(completions, puzzle, solution, **columns):
     """tiny_sudoku: the fraction of the puzzle's blank cells that the completion's first 16 digits
     fill correctly (weight 1.0)."""
-    out = []
-    for c, p, s in zip(completions, puzzle, solution):
-        correct, empty = sudoku_cells_correct(first_digits(_text(c)), p, s)
-        out.append(correct / empty if empty else 0.0)
-    return out
+    cells = [sudoku_cells_correct(first_digits(_text(c)), p, s) for c, p, s in zip(completions, puzzle, solution)]
+    return [correct / empty if empty else 0.0 for correct, empty in cells]
 
 
 def tiny_sudoku_solved_reward(completions, solution, **columns):
