@@ -11,7 +11,12 @@ import gc
 import random
 import time
 
-import rewards as r
+import rewards
+
+
+def _d1_match(pattern):
+    """d1's format reward of one text, as 1.0 or 0.0."""
+    return lambda text: float(pattern.match(text) is not None)
 
 
 def _one(reward):
@@ -19,16 +24,16 @@ def _one(reward):
 
 
 def _d1_group(pattern):
-    return lambda text: r._group(pattern.search(text))
+    return lambda text: rewards._group(pattern.search(text))
 
 
-D1_CALLS = {
-    "answer tags": (r.ANSWER_TAGS.findall, r.answer_tags),
-    "strict format": (lambda text: float(r.STRICT_FORMAT.match(text) is not None), _one(r.strict_format_reward)),
-    "soft format": (lambda text: float(r.SOFT_FORMAT.match(text) is not None), _one(r.soft_format_reward)),
-    "gsm8k boxed": (r.GSM8K_BOXED.findall, lambda text: list(r.gsm8k_boxes(text))),
-    "countdown equation": (_d1_group(r.COUNTDOWN_EQUATION), r.countdown_equation_left),
-    **{f"sudoku pattern {i}": (_d1_group(r.SUDOKU_PATTERNS[i]), r._SUDOKU_PARSES[i]) for i in (0, 1, 3)},
+D1_CALLS = {       # name: (d1's call, the call rewards.py makes)
+    "answer tags": (rewards.ANSWER_TAGS.findall, rewards.answer_tags),
+    "strict format": (_d1_match(rewards.STRICT_FORMAT), _one(rewards.strict_format_reward)),
+    "soft format": (_d1_match(rewards.SOFT_FORMAT), _one(rewards.soft_format_reward)),
+    "gsm8k boxed": (rewards.GSM8K_BOXED.findall, lambda text: list(rewards.gsm8k_boxes(text))),
+    "countdown equation": (_d1_group(rewards.COUNTDOWN_EQUATION), rewards.countdown_equation_left),
+    **{f"sudoku pattern {i}": (_d1_group(rewards.SUDOKU_PATTERNS[i]), rewards._SUDOKU_PARSES[i]) for i in (0, 1, 3)},
 }
 
 
@@ -99,7 +104,7 @@ BENCH_COLUMNS = {
 
 def _call(task, fn, text):
     """One reward function (on a batch of one) or `score` on one completion."""
-    if fn is r.score:
+    if fn is rewards.score:
         return fn(task, text, **BENCH_COLUMNS[task])
     return fn([text], **{k: [v] for k, v in BENCH_COLUMNS[task].items()})
 
@@ -117,7 +122,7 @@ def bench_rewards(num_completions, seed=0):
     gc.disable()        # a collection would land on one call at random
     try:
         for task in BENCH_COLUMNS:
-            for fn in [fn for fn, _ in r.reward_functions(task)] + [r.score]:
+            for fn in [fn for fn, _ in rewards.reward_functions(task)] + [rewards.score]:
                 for text in texts:
                     times.append(best_time(_call, task, fn, text, repeats=1))
                     if times[-1] > slowest[0]:
