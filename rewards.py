@@ -1,103 +1,66 @@
 """Rewards and answer checking for every task: pure functions, no torch.
 
-Two users, one set of checkers:
+GRPO calls `reward_functions(task)`: [(fn, weight), ...], where `fn(completions, **columns)` scores
+each completion in [0, 1] (or d1's 0.1 partial credit), every column a list aligned with the
+completions (d1's names: `answer`; `numbers`, `target`; `puzzle`, `solution`); the weights carry
+d1's scales, so the weighted sum is d1's reward (diffu-grpo/reward_func.py). Evaluation calls
+`score(task, completion, **columns) -> (correct, total)`, which parses as d1's evaluation does
+(eval/parse_and_get_acc.py: \boxed{} first, then the answer tags) and reproduces d1's accuracies on
+its released generations (evaluate.py --rescore). Both end in the same checkers (`is_equiv`,
+`check_countdown`, `sudoku_cells_correct`).
 
-- diffu-GRPO calls `reward_functions(task)`: a list of (fn, weight); each
-  `fn(completions, **columns) -> list[float]`, completions a list of strings and every column a list
-  aligned with them (the columns d1 names: gsm8k/math500 `answer`, countdown `numbers` and
-  `target`, sudoku `puzzle` and `solution`). The caller sums weight * fn. Each fn returns a score
-  in [0, 1] (or d1's own 0.1 partial credit) and the weight carries d1's scale, so the weighted sum
-  is d1's reward. These read answers the way d1's GRPO rewards do (diffu-grpo/reward_func.py): from
-  the `<answer>` tags its training prompts ask for.
-- evaluation calls `score(task, completion, **columns) -> (correct, total)`, which reads answers the
-  way d1's evaluation parser does (eval/parse_and_get_acc.py): the \\boxed{} answer its evaluation
-  prompts ask for first, then the answer tags. On d1's released LLaDA generations it reproduces
-  d1's published accuracies exactly (see evaluate.py --rescore).
+A completion is untrusted text: nothing here calls eval/exec, text past MAX_COMPLETION_CHARS is
+ignored, and every parse is linear in the text. d1's regular expressions are used as written; where
+Python's re is quadratic on hostile text, one is applied only where it can match, or a parser
+replaces it (hostile.py pairs each with d1's call: tests fuzz the two equal, --bench times both).
 
-Both paths end in the same checkers (`is_equiv`, `check_countdown`, `sudoku_cells_correct`). GSM8K
-differs as it does in d1: the training reward wants the answer-tag text to equal the answer string,
-evaluation compares the parsed number.
-
-A completion is untrusted text. Nothing here calls eval/exec: Countdown expressions go through a
-small parser with exact Fractions and hard bounds. Every parser is written to run in time linear in
-the text (no regex that can backtrack over the whole text once per candidate position), and text
-beyond MAX_COMPLETION_CHARS is ignored, so a reward costs well under 10 ms on any input
-(`python rewards.py --bench` measures it).
-
-Where d1's code does not do what it says, we do what it says and say so at the spot:
-- d1's first format regexes lacked re.DOTALL, so multi-line reasoning never matched;
-- the `\\boxed` test of d1's boxed_in_answer is written `"\\boxed"` without a raw string, so it
-  looks for a backspace character and never fires;
-- d1's Countdown check evaluates model text with eval() (`9**9**9**9` hangs training);
-- GSM8K's integer reward uses str.isdigit, which accepts superscripts and other scripts' digits.
+Where d1's code does not do what it says, we do what it says:
+- boxed_in_answer's `"\boxed"` is not a raw string (a backspace), so it never fires;
+- the Countdown check runs eval() on model text (`9**9**9**9` hangs training);
+- the integer reward's str.isdigit accepts superscripts and other scripts' digits;
+- the first format regexes lacked re.DOTALL, so multi-line reasoning never matched.
 """
 
 import argparse
-import gc
 import itertools
-import math
-import random
 import re
-import sys
-import time
 from fractions import Fraction
 
 MAX_COMPLETION_CHARS = 65_536    # far above any generation (512 tokens of LLaDA are ~2-3k chars)
 MAX_BOXED_CHARS = 8_192          # a \boxed{...} not closed within this many chars counts as unclosed
-
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-EOT_MARKERS = ("<|eot_id|>", "<|endoftext|>")   # LLaDA's end tokens, left in decoded generations
 
 
 def _text(completion):
     """The completion as a bounded string (None becomes "")."""
-    if not isinstance(completion, str):
-        completion = "" if completion is None else str(completion)
-    return completion[:MAX_COMPLETION_CHARS]
+    return ("" if completion is None else str(completion))[:MAX_COMPLETION_CHARS]
+
+
+def _group(match):
+    return None if match is None else match.group(1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Answer tags, found with str.find so that a run of unclosed tags costs one pass, not one per tag
+# Answer tags
+
+ANSWER_TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)    # d1's
+
+
+def answer_tags(text):
+    """ANSWER_TAGS.findall(text), read up to the last </answer>: past it every <answer> fails, each
+    after scanning the rest of the text (quadratic in a run of <answer>)."""
+    end = text.rfind(ANSWER_CLOSE)
+    return ANSWER_TAGS.findall(text, 0, end + len(ANSWER_CLOSE)) if end >= 0 else []
 
 
 def last_answer_tag_text(text):
-    """text.split("<answer>")[-1].split("</answer>")[0].strip(), d1's extract_xml_answer: the text
-    after the last <answer> (the whole text when there is none) up to a </answer>."""
+    """d1's extract_xml_answer: text.split("<answer>")[-1].split("</answer>")[0].strip()."""
     return text.rpartition(ANSWER_OPEN)[2].partition(ANSWER_CLOSE)[0].strip()
 
 
-def answer_tag_contents(text):
-    """The contents of every <answer>...</answer> pair, left to right, non-overlapping: what
-    re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL) returns."""
-    contents, pos = [], 0
-    while True:
-        start = text.find(ANSWER_OPEN, pos)
-        if start < 0:
-            return contents
-        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
-        if end < 0:       # no later <answer> can be closed either
-            return contents
-        contents.append(text[start + len(ANSWER_OPEN):end])
-        pos = end + len(ANSWER_CLOSE)
-
-
-def first_answer_tag(text):
-    """The first <answer>...</answer> content (re.search of the same pattern), or None."""
-    start = text.find(ANSWER_OPEN)
-    if start < 0:
-        return None
-    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
-    return None if end < 0 else text[start + len(ANSWER_OPEN):end]
-
-
-def last_answer_tag(text):
-    """The last <answer>...</answer> content (d1's findall(...)[-1]), or None."""
-    contents = answer_tag_contents(text)
-    return contents[-1] if contents else None
-
-
 # ---------------------------------------------------------------------------------------------------
-# \boxed{} (the MATH normalisation of Hendrycks et al., as d1's eval/parser_helper.py uses it)
+# \boxed{} and MATH answer equivalence (Hendrycks et al., as d1's eval/parser_helper.py has them).
+# Where d1's code raises on an answer, these raise ValueError, and is_equiv compares the raw strings.
 
 _BRACE = re.compile(r"[{}]")
 
@@ -115,12 +78,9 @@ def last_boxed_only_string(text):
             return text
     depth = 0
     for brace in _BRACE.finditer(text, start, start + MAX_BOXED_CHARS):
-        if brace.group() == "{":
-            depth += 1
-        else:
-            depth -= 1
-            if depth == 0:
-                return text[start:brace.end()]
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[start:brace.end()]
     return None
 
 
@@ -141,60 +101,47 @@ def boxed_answer(text):
 
 
 def _fix_fracs(string):
-    """\\frac12 -> \\frac{1}{2}, \\frac1b -> \\frac{1}{b}; None where d1's version raises."""
+    """\\frac12 -> \\frac{1}{2}, \\frac1b -> \\frac{1}{b}."""
     parts = string.split("\\frac")
     out = [parts[0]]
     for part in parts[1:]:
-        out.append("\\frac")
         if not part:
-            return None                      # d1: IndexError on substr[0]
+            raise ValueError("\\frac at the end")
+        if part[0] != "{" and len(part) < 2:
+            return string                    # d1 gives up and returns its input
         if part[0] == "{":
             out.append(part)
-        elif len(part) < 2:
-            return string                    # d1 gives up and returns its input
-        elif part[1] != "{":
-            out.append("{" + part[0] + "}{" + part[1] + "}" + part[2:])
         else:
-            out.append("{" + part[0] + "}" + part[1:])
-    return "".join(out)
+            out.append("{" + part[0] + "}" + (part[1:] if part[1] == "{" else "{" + part[1] + "}" + part[2:]))
+    return "\\frac".join(out)
 
 
 def _fix_sqrt(string):
-    """\\sqrt3 -> \\sqrt{3}; None where d1's version raises (a \\sqrt at the very end)."""
-    if "\\sqrt" not in string:
-        return string
+    """\\sqrt3 -> \\sqrt{3}."""
     parts = string.split("\\sqrt")
-    out = [parts[0]]
-    for part in parts[1:]:
+    for i, part in enumerate(parts[1:], 1):
         if not part:
-            return None
-        out.append("\\sqrt" + part if part[0] == "{" else "\\sqrt{" + part[0] + "}" + part[1:])
-    return "".join(out)
+            raise ValueError("\\sqrt at the end")
+        parts[i] = part if part[0] == "{" else "{" + part[0] + "}" + part[1:]
+    return "\\sqrt".join(parts)
 
 
 def _fix_a_slash_b(string):
-    """3/4 -> \\frac{3}{4} for plain integers; None where d1's int() raises."""
+    """3/4 -> \\frac{3}{4} for plain integers (int() parses; it raises on "a/b", as in d1)."""
     if string.count("/") != 1:
         return string
-    a, _, b = string.partition("/")
-    try:
-        a, b = int(a), int(b)                # int() is safe: it parses, it does not evaluate
-    except ValueError:
-        return None
+    a, b = (int(x) for x in string.split("/"))
     return "\\frac{" + str(a) + "}{" + str(b) + "}" if string == f"{a}/{b}" else string
 
 
 def strip_string(string):
-    """The MATH answer normalisation (d1's strip_string), or None where d1's raises (its is_equiv
-    then falls back to comparing the raw strings)."""
+    """d1's MATH answer normalisation."""
     for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
                      ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
         string = string.replace(old, new)
-    if "\\text{ " in string:                 # units on the right
-        if string.count("\\text{ ") != 1:
-            return None                      # d1: assert len(splits) == 2
-        string = string.partition("\\text{ ")[0]
-    string = string.replace("\\%", "")
+    if string.count("\\text{ ") > 1:
+        raise ValueError("several units")    # d1: assert len(splits) == 2
+    string = string.partition("\\text{ ")[0].replace("\\%", "")       # units on the right go
     string = string.replace(" .", " 0.").replace("{.", "{0.")
     if not string:
         return string
@@ -202,31 +149,24 @@ def strip_string(string):
         string = "0" + string
     if string.count("=") == 1 and len(string.partition("=")[0]) <= 2:   # "x = 5" -> "5"
         string = string.partition("=")[2]
-    string = _fix_sqrt(string)
-    if string is None:
-        return None
-    string = _fix_fracs(string.replace(" ", ""))
-    if string is None:
-        return None
-    if string == "0.5":
-        string = "\\frac{1}{2}"
-    return _fix_a_slash_b(string)
+    string = _fix_fracs(_fix_sqrt(string).replace(" ", ""))
+    return _fix_a_slash_b("\\frac{1}{2}" if string == "0.5" else string)
 
 
 def is_equiv(answer, reference):
-    """MATH answer equivalence: equal after strip_string, or equal raw when that fails (d1)."""
+    """MATH answer equivalence: equal after strip_string, or equal raw where that raises (d1)."""
     if answer is None or reference is None:
         return answer is None and reference is None
     answer, reference = str(answer), str(reference)
-    a, b = strip_string(answer), strip_string(reference)
-    if a is None or b is None:
+    try:
+        return strip_string(answer) == strip_string(reference)
+    except ValueError:
         return answer == reference
-    return a == b
 
 
 def math_reference(answer):
-    """The reference answer as d1's MATH reward reads its `answer` column: the last \\boxed{} of a
-    full solution, or the answer itself when it is already bare (the usual MATH-500 case)."""
+    """The reference as d1's MATH reward reads its `answer` column: the last \\boxed{} of a full
+    solution, or the answer itself when it is already bare (the usual MATH-500 case)."""
     answer = str(answer)
     inside = boxed_answer(answer)
     return answer if inside is None else inside
@@ -235,32 +175,15 @@ def math_reference(answer):
 # ---------------------------------------------------------------------------------------------------
 # GSM8K
 
-_NUMBER = re.compile(r"-?\d+\.?\d*")
+GSM8K_BOXED = re.compile(r"\\boxed{(.*?)}")    # d1's; `.` stops at a newline
+_NUMBER, _DOTS = re.compile(r"-?\d+\.?\d*"), re.compile(r"^\.+$")
 
 
-def _boxed_contents_gsm8k(text):
-    """Each `\\boxed{...}` content up to the first "}" on the same line, left to right: what
-    re.findall(r"\\\\boxed{(.*?)}", text) yields, found in one pass (the next "}" and the next
-    newline are cached, so unclosed boxes cost nothing extra)."""
-    pos, next_close, next_newline = 0, -1, -1
-    while True:
-        start = text.find("\\boxed{", pos)
-        if start < 0:
-            return
-        inner = start + len("\\boxed{")
-        if next_close < inner:
-            next_close = text.find("}", inner)
-            if next_close < 0:
-                return
-        if next_newline < inner:
-            next_newline = text.find("\n", inner)
-            if next_newline < 0:
-                next_newline = len(text)
-        if next_close < next_newline:
-            yield text[inner:next_close]
-            pos = next_close + 1
-        else:
-            pos = start + 1
+def gsm8k_boxes(text):
+    """GSM8K_BOXED.findall(text), line by line up to each line's last "}": a \\boxed{ with no "}"
+    after it on its line fails after scanning the line (quadratic in a run of \\boxed{)."""
+    for line in text.split("\n"):
+        yield from GSM8K_BOXED.findall(line, 0, line.rfind("}") + 1)
 
 
 def _float_or_number(text, which):
@@ -275,23 +198,14 @@ def _float_or_number(text, which):
 def gsm8k_number(completion):
     """d1's GSM8K evaluation answer: the first usable \\boxed{} (its first number when it is not a
     plain number), else the first answer tags (their last number)."""
-    for content in _boxed_contents_gsm8k(completion):
+    for content in gsm8k_boxes(completion):
         content = content.strip()
-        if content and content.strip(".") != "":        # skip "", "..." and other runs of dots
+        if content and not _DOTS.match(content):
             number = _float_or_number(content, 0)
             if number is not None:
                 return number
-    tagged = first_answer_tag(completion)
-    if tagged is not None and tagged.strip():
-        return _float_or_number(tagged.strip(), -1)
-    return None
-
-
-def _gsm8k_answer_text(answer):
-    """d1's GSM8K `answer` column is the text after '####'; a float ground truth is written as one."""
-    if isinstance(answer, float) and answer.is_integer():
-        return str(int(answer))
-    return str(answer).strip()
+    tags = answer_tags(completion)
+    return _float_or_number(tags[0].strip(), -1) if tags and tags[0].strip() else None
 
 
 def _count_xml(text):
@@ -311,70 +225,43 @@ def _count_xml(text):
 
 
 def xml_count_reward(completions, **columns):
-    """d1's xml count as a fraction of its maximum 0.5 (weight 0.5 restores d1's value).
-    Negative when much text follows </answer>."""
+    """d1's xml count over its maximum 0.5 (weight 0.5); negative when much text follows </answer>."""
     return [2.0 * _count_xml(_text(c)) for c in completions]
 
 
-_STRICT_HEAD, _STRICT_MIDDLE, _STRICT_TAIL = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>\n"
-
-
-def _strict_format(text):
-    """re.match(r"^<reasoning>\\n.*?\\n</reasoning>\\n<answer>\\n.*?\\n</answer>\\n$", text, re.DOTALL).
-
-    The pattern's intent is the whole completion in d1's format, reasoning and answer each on their
-    own lines, possibly several: `.` must cross newlines (DOTALL, which d1's first version lacked,
-    so multi-line reasoning never matched). `$` also matches before one final newline. Decided
-    with str methods, in one pass, instead of a lazy regex that backtracks on hostile text.
-    """
-    if not text.startswith(_STRICT_HEAD):
-        return False
-    if text.endswith(_STRICT_TAIL):
-        core = text[len(_STRICT_HEAD):len(text) - len(_STRICT_TAIL)]
-        if _STRICT_MIDDLE in core:
-            return True
-    if text.endswith(_STRICT_TAIL + "\n"):
-        core = text[len(_STRICT_HEAD):len(text) - len(_STRICT_TAIL) - 1]
-        return _STRICT_MIDDLE in core
-    return False
-
-
-_SOFT_JOIN = re.compile(r"</reasoning>\s*<answer>")
-
-
-def _soft_format(text):
-    """re.match(r"<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>", text, re.DOTALL): starts with
-    <reasoning>, then </reasoning>, whitespace, <answer>, and later a </answer> (DOTALL as above)."""
-    if not text.startswith("<reasoning>"):
-        return False
-    join = _SOFT_JOIN.search(text, len("<reasoning>"))
-    return join is not None and text.find(ANSWER_CLOSE, join.end()) >= 0
+# d1's format patterns, with re.DOTALL so that multi-line reasoning matches
+STRICT_FORMAT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
+SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 
 
 def strict_format_reward(completions, **columns):
-    """1.0 when the whole completion is exactly d1's format (weight 0.5)."""
-    return [1.0 if _strict_format(_text(c)) else 0.0 for c in completions]
+    """1.0 when the whole completion is exactly d1's format (weight 0.5). STRICT_FORMAT is tried
+    only on text that ends as it must ($ also matches before a final newline): on other text its
+    second .*? scans to the end once per "</reasoning>...<answer>" (quadratic)."""
+    texts = [_text(c) for c in completions]
+    return [1.0 if t.endswith(("\n</answer>\n", "\n</answer>\n\n")) and STRICT_FORMAT.match(t) else 0.0
+            for t in texts]
 
 
 def soft_format_reward(completions, **columns):
-    """1.0 when the completion starts with reasoning tags followed by answer tags (weight 0.5)."""
-    return [1.0 if _soft_format(_text(c)) else 0.0 for c in completions]
+    """1.0 when the completion starts with reasoning tags followed by answer tags (weight 0.5).
+    SOFT_FORMAT reads up to the last </answer> only, as answer_tags does and for the same reason."""
+    texts = [_text(c) for c in completions]
+    return [1.0 if SOFT_FORMAT.match(t, 0, t.rfind(ANSWER_CLOSE) + len(ANSWER_CLOSE)) else 0.0 for t in texts]
 
 
 def integer_answer_reward(completions, **columns):
-    """1.0 when the answer-tag text is a non-negative integer in ASCII digits (weight 0.5).
-    (d1 uses str.isdigit, which also accepts e.g. superscript two; that is not an integer answer.)"""
-    out = []
-    for c in completions:
-        answer = last_answer_tag_text(_text(c))
-        out.append(1.0 if answer.isascii() and answer.isdigit() else 0.0)
-    return out
+    """1.0 when the answer-tag text is a non-negative integer in ASCII digits (weight 0.5); d1's
+    str.isdigit also accepts e.g. superscript two, which is not an integer answer."""
+    answers = [last_answer_tag_text(_text(c)) for c in completions]
+    return [1.0 if a.isascii() and a.isdigit() else 0.0 for a in answers]
 
 
 def gsm8k_correctness_reward(completions, answer, **columns):
-    """1.0 when the answer-tag text equals the reference answer string exactly (weight 2.0)."""
-    return [1.0 if last_answer_tag_text(_text(c)) == _gsm8k_answer_text(a) else 0.0
-            for c, a in zip(completions, answer)]
+    """1.0 when the answer-tag text equals the reference answer string exactly (weight 2.0): d1's
+    `answer` column is the text after '####' (a float ground truth is written as one)."""
+    answer = [str(int(a)) if isinstance(a, float) and a.is_integer() else str(a).strip() for a in answer]
+    return [1.0 if last_answer_tag_text(_text(c)) == a else 0.0 for c, a in zip(completions, answer)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,21 +282,14 @@ def math_correctness_reward(completions, answer, **columns):
 def boxed_in_answer_reward(completions, **columns):
     """1.0 when a \\boxed answer sits inside the first answer tags (weight 0.5).
 
-    d1's boxed_in_answer means this: +1 for answer tags, +1 for a boxed answer inside them (else
-    +0.5), then halves it. But its test `"\\boxed" in r` is not a raw string: it looks for a
-    backspace character, so every completion got 0.75 with answer tags and 0.25 without, whatever
-    it boxed. We reward what the name says: a boxed answer inside the answer tags.
+    d1's boxed_in_answer gives +1 for answer tags and +1 for a boxed answer inside them (else +0.5),
+    halved; but its test `"\\boxed" in r` looks for a backspace, so it paid 0.75 for any answer
+    tags and 0.25 without. We reward what the name says.
     """
     out = []
     for c in completions:
-        text = _text(c)
-        # d1's r.split("<answer>")[1].split("</answer>")[0]: after the first <answer>, up to the
-        # next <answer> or </answer>.
-        start = text.find(ANSWER_OPEN)
-        if start < 0:
-            out.append(0.0)
-            continue
-        inside = text[start + len(ANSWER_OPEN):].partition(ANSWER_OPEN)[0].partition(ANSWER_CLOSE)[0]
+        # d1's r.split("<answer>")[1].split("</answer>")[0]
+        inside = _text(c).partition(ANSWER_OPEN)[2].partition(ANSWER_OPEN)[0].partition(ANSWER_CLOSE)[0]
         out.append(1.0 if "\\boxed" in inside else 0.0)
     return out
 
@@ -424,117 +304,82 @@ MAX_VALUE_BITS = 4096         # |numerator| and denominator of every intermediat
 COUNTDOWN_TOLERANCE = Fraction(1, 10**5)   # d1: abs(result - target) < 1e-5
 COUNTDOWN_CORRECT, COUNTDOWN_FORMAT = 1.0, 0.1   # d1's score and format_score
 
-_TOKEN = re.compile(r"(\d+\.\d*|\.\d+|\d+)|(\*\*|//|[-+*/()])", re.ASCII)
-_INLINE_SPACE = " \t\f"       # Python's tokenizer skips these anywhere; newlines only inside ( )
+# a number, an operator, inline space (Python skips it), a newline, anything else
+_TOKEN = re.compile(r"(\d+\.\d*|\.\d+|\d+)|(\*\*|//|[-+*/()])|([ \t\f])|([\r\n])|(.)", re.ASCII | re.DOTALL)
+_APPLY = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
 
 
 class _Reject(Exception):
-    """The expression is not a valid + - * / expression of integers (or breaks a bound)."""
+    """The expression is not a valid + - * / expression of numbers, or it breaks a bound."""
 
 
 def _tokenize(expression):
-    """Tokens of an expression, following Python's rules for what d1's eval() accepted, except that
-    ** and // are refused: the task allows + - * / only."""
-    tokens, pos, depth = [], 0, 0
-    while pos < len(expression):
-        char = expression[pos]
-        if char in _INLINE_SPACE:
-            pos += 1
-            continue
-        if char in "\r\n":
-            if depth == 0:                   # a newline outside parentheses ends a Python expression
-                raise _Reject
-            pos += 1
-            continue
-        match = _TOKEN.match(expression, pos)
-        if match is None:
+    """Tokens as Python's tokenizer reads them (what d1's eval() accepted), but ** and // refused."""
+    tokens, depth = [], 0
+    for number, op, _, newline, other in _TOKEN.findall(expression):
+        if other or op in ("**", "//") or (newline and depth == 0):   # Python ends at a newline outside ( )
             raise _Reject
-        number, op = match.group(1), match.group(2)
-        if number is not None:
-            if "." not in number and len(number) > 1 and number[0] == "0" and number.strip("0"):
-                raise _Reject                # Python refuses "05" (but accepts "00" and "05.5")
-            tokens.append(Fraction(number))
-        else:
-            if op in ("**", "//"):
-                raise _Reject
-            depth += op == "("
-            depth -= op == ")"
-            if not 0 <= depth <= MAX_NESTING:
-                raise _Reject
-            tokens.append(op)
+        if number and "." not in number and number[0] == "0" and number.strip("0"):
+            raise _Reject                    # Python refuses "05" (but accepts "00" and "05.5")
+        depth += (op == "(") - (op == ")")
+        if not 0 <= depth <= MAX_NESTING:
+            raise _Reject
+        if number or op:
+            tokens.append(Fraction(number) if number else op)
         if len(tokens) > MAX_TOKENS:
             raise _Reject
-        pos = match.end()
     return tokens
-
-
-def _bounded(value):
-    if abs(value.numerator).bit_length() > MAX_VALUE_BITS or value.denominator.bit_length() > MAX_VALUE_BITS:
-        raise _Reject
-    return value
 
 
 def evaluate_expression(expression):
     """The exact value of an arithmetic expression of numbers, + - * / and parentheses (unary + and
-    - allowed, as in Python), or None when it is not one, divides by zero, or breaks a bound."""
+    - allowed, as in Python), or None when it is not one, divides by zero, or breaks a bound.
+
+    expr := term (("+" | "-") term)*;  term := factor (("*" | "/") factor)*;
+    factor := ("+" | "-") factor | number | "(" expr ")"
+    """
     expression = expression.strip()
     if not expression or len(expression) > MAX_EXPRESSION_CHARS:
         return None
-    try:
-        tokens = _tokenize(expression)
-    except _Reject:
-        return None
     pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else None
 
     def take():
         nonlocal pos
+        if pos == len(tokens):
+            raise _Reject
         pos += 1
         return tokens[pos - 1]
 
-    # expr := term (("+" | "-") term)* ; term := factor (("*" | "/") factor)* ;
-    # factor := ("+" | "-") factor | number | "(" expr ")"
-    def expr(nesting):
-        value = term(nesting)
-        while peek() in ("+", "-"):
-            value = _bounded(value + term(nesting) if take() == "+" else value - term(nesting))
+    def binary(operators, operand, nesting):
+        value = operand(nesting)
+        while pos < len(tokens) and tokens[pos] in operators:
+            op, right = take(), operand(nesting)
+            if op == "/" and right == 0:
+                raise _Reject
+            value = _APPLY[op](value, right)
+            if abs(value.numerator).bit_length() > MAX_VALUE_BITS or value.denominator.bit_length() > MAX_VALUE_BITS:
+                raise _Reject
         return value
 
-    def term(nesting):
-        value = factor(nesting)
-        while peek() in ("*", "/"):
-            if take() == "*":
-                value = _bounded(value * factor(nesting))
-            else:
-                divisor = factor(nesting)
-                if divisor == 0:
-                    raise _Reject
-                value = _bounded(value / divisor)
-        return value
+    def expr(nesting):
+        return binary(("+", "-"), lambda n: binary(("*", "/"), factor, n), nesting)
 
     def factor(nesting):
-        if nesting > MAX_NESTING:
+        token = take()
+        if nesting > MAX_NESTING or token in (")", "*", "/"):
             raise _Reject
-        token = peek()
-        if token is None:
-            raise _Reject
-        take()
         if token in ("+", "-"):
             value = factor(nesting + 1)
             return value if token == "+" else -value
         if token == "(":
             value = expr(nesting + 1)
-            if peek() != ")":
+            if take() != ")":
                 raise _Reject
-            take()
             return value
-        if isinstance(token, Fraction):
-            return token
-        raise _Reject
+        return token
 
     try:
+        tokens = _tokenize(expression)
         value = expr(0)
     except _Reject:
         return None
@@ -545,19 +390,11 @@ _DIGIT_RUN = re.compile(r"\d+")
 
 
 def uses_numbers_once(expression, numbers):
-    """d1's validate_equation: the multiset of digit runs in the text equals the given numbers.
-    (Its \\d also matches other scripts' digits, and int() reads them; kept. A run too long for
-    int() fails, as d1's try/except makes it.)"""
-    found = []
-    for run in _DIGIT_RUN.finditer(expression):
-        if len(found) == len(numbers):
-            return False                     # more numbers than given: stop before reading them all
-        try:
-            found.append(int(run.group()))
-        except ValueError:
-            return False
+    """d1's validate_equation: the digit runs of the text (\\d: any script's, as d1) are the given
+    numbers, each once; a run int() refuses fails, as d1's try/except makes it."""
+    runs = itertools.islice(_DIGIT_RUN.finditer(expression), len(numbers) + 1)   # one too many fails
     try:
-        return sorted(found) == sorted(int(n) for n in numbers)
+        return sorted(int(run.group()) for run in runs) == sorted(int(n) for n in numbers)
     except (TypeError, ValueError):
         return False
 
@@ -578,29 +415,24 @@ def countdown_reward(completions, numbers, target, **columns):
     0.1 for an expression there that is wrong, invalid or uses the wrong numbers, 0 for none."""
     out = []
     for c, nums, t in zip(completions, numbers, target):
-        tagged = last_answer_tag(_text(c))
-        if tagged is None:
-            out.append(0.0)
-        else:
-            out.append(COUNTDOWN_CORRECT if check_countdown(tagged.strip(), nums, t) else COUNTDOWN_FORMAT)
+        tags = answer_tags(_text(c))
+        correct = tags and check_countdown(tags[-1].strip(), nums, t)
+        out.append(0.0 if not tags else COUNTDOWN_CORRECT if correct else COUNTDOWN_FORMAT)
     return out
 
 
-_LATEX_OPERATORS = (("\\div", "/"), ("\\times", "*"), ("\\cdot", "*"))
-_LEFT_CHARS = "0123456789+-*/() "
-_RESULT_CHARS = "0123456789. "
+COUNTDOWN_EQUATION = re.compile(r"([0-9+\-*/() ]+)=[0-9. ]+")    # d1's: "a + b = t" -> "a + b"
+_LEFT_CHARS, _RESULT_CHARS = "0123456789+-*/() ", "0123456789. "
 
 
-def _left_of_equals(text):
-    """The group of re.search(r"([0-9+\\-*/() ]+)=[0-9. ]+", text), or None, in linear time.
-
-    The class excludes "=", so a match is a maximal run of class characters directly followed by
-    "=" and one of [0-9. ]: the first "=" with a class character before it and a result character
-    after it ends the leftmost match, whose run is found by stripping the class from the left part."""
+def countdown_equation_left(text):
+    """_group(COUNTDOWN_EQUATION.search(text)) by a parser: re retries the greedy run from every
+    start and backtracks it each time (quadratic in a long run without "="). A match is a maximal
+    run of class characters ("=" is not one) followed by "=" and a result character, so the first
+    such "=" ends the leftmost match."""
     equals = text.find("=")
     while equals >= 0:
-        if (0 < equals < len(text) - 1 and text[equals - 1] in _LEFT_CHARS
-                and text[equals + 1] in _RESULT_CHARS):
+        if 0 < equals < len(text) - 1 and text[equals - 1] in _LEFT_CHARS and text[equals + 1] in _RESULT_CHARS:
             head = text[:equals]
             return head[len(head.rstrip(_LEFT_CHARS)):]
         equals = text.find("=", equals + 1)
@@ -612,11 +444,10 @@ def countdown_expression(completion):
     whole text), LaTeX operators made Python ones, and "a + b = t" cut to "a + b"."""
     inside = boxed_answer(completion)
     if inside is None:
-        tagged = first_answer_tag(completion)
-        inside = tagged.strip() if tagged is not None else completion
-    for latex, python in _LATEX_OPERATORS:
-        inside = inside.replace(latex, python)
-    left = _left_of_equals(inside)
+        tags = answer_tags(completion)
+        inside = tags[0].strip() if tags else completion
+    inside = inside.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*")
+    left = countdown_equation_left(inside)
     return left.strip() if left is not None else inside
 
 
@@ -642,51 +473,30 @@ def sudoku_reward(completions, puzzle, solution, **columns):
     of the last answer tags fill correctly."""
     out = []
     for c, p, s in zip(completions, puzzle, solution):
-        tagged = last_answer_tag(_text(c))
+        tags = answer_tags(_text(c))
         # d1 keeps every str.isdigit character, then pads or cuts to 16: the first 16 suffice.
-        grid = "" if tagged is None else "".join(itertools.islice(filter(str.isdigit, tagged), SUDOKU_CELLS))
+        grid = "".join(itertools.islice(filter(str.isdigit, tags[-1]), SUDOKU_CELLS)) if tags else ""
         correct, empty = sudoku_cells_correct(grid, p, s)
         out.append(correct / empty if grid and empty else 0.0)
     return out
 
 
-_DIGITS_OR_SPACES = re.compile(r"[\d\s]*")
-_SPACES_RUN = re.compile(r"\s*")
-_SPACES = re.compile(r"\s")
-_SIXTEEN_OR_MORE_DIGITS = re.compile(r"\d{16,}")
-_WORD_CHAR = re.compile(r"\w")
+SUDOKU_PATTERNS = tuple(re.compile(p, re.DOTALL) for p in (     # d1's evaluation parse, in its order
+    r"<answer>.*?```\s*([\d\s]+)```",                               # a code block in the answer
+    r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",     # the answer
+    r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)",        # the text after it
+    r".*?(\d{16})\s*</answer>",                                     # 16 digits before </answer>
+    r"\b(\d{16})\b"))                                               # 16 digits alone
+_DIGITS_OR_SPACES, _SPACES_RUN, _SPACE = re.compile(r"[\d\s]*"), re.compile(r"\s*"), re.compile(r"\s")
 
 
-def _sixteen_digits_before_close(text):
-    """re.search(r"(\\d{16})\\s*</answer>", text).group(1), or None. Only the last 16 digits of a
-    run can be followed by spaces, so only run ends are tried (re tries every position)."""
-    for run in _SIXTEEN_OR_MORE_DIGITS.finditer(text):
-        if text.startswith(ANSWER_CLOSE, _SPACES_RUN.match(text, run.end()).end()):
-            return text[run.end() - 16:run.end()]
-    return None
-
-
-def _sixteen_digits_alone(text):
-    """re.search(r"\\b(\\d{16})\\b", text).group(1), or None: a run of exactly 16 digits with no
-    word character on either side."""
-    for run in _SIXTEEN_OR_MORE_DIGITS.finditer(text):
-        if (run.end() - run.start() == 16 and not (run.start() and _WORD_CHAR.match(text, run.start() - 1))
-                and not _WORD_CHAR.match(text, run.end())):
-            return run.group()
-    return None
-
-
-def _sudoku_code_block(text):
-    """re.search(r"<answer>.*?```\\s*([\\d\\s]+)```", text, re.DOTALL).group(1), linear time.
-
-    Only the first <answer> matters (a later one sees a subset of the same fences). The match is the
-    first fence after it followed by a nonempty run of digits and spaces and a closing fence; the
-    group is that run without its leading spaces (\\s* is greedy), or its last character when the
-    run is all spaces. (Python's re takes time quadratic in such a run; this takes one pass.)"""
+def sudoku_code_block(text):
+    """_group(SUDOKU_PATTERNS[0].search(text)) by a parser: re splits a run of spaces between \\s*
+    and [\\d\\s]+ every way (quadratic). Only the first <answer> matters (later ones see fewer
+    fences); the match is the first fence after it followed by a nonempty run of digits and spaces
+    and a fence, the group that run without its leading spaces (or its last one when all are)."""
     start = text.find(ANSWER_OPEN)
-    if start < 0:
-        return None
-    fence = text.find("```", start + len(ANSWER_OPEN))
+    fence = text.find("```", start + len(ANSWER_OPEN)) if start >= 0 else -1
     while fence >= 0:
         run_start = fence + 3
         run_end = _DIGITS_OR_SPACES.match(text, run_start).end()
@@ -697,48 +507,23 @@ def _sudoku_code_block(text):
     return None
 
 
-def _first_marker(text, start, markers):
-    """The index of the earliest of `markers` at or after `start`, or -1."""
-    found = [i for i in (text.find(m, start) for m in markers) if i >= 0]
-    return min(found) if found else -1
-
-
-def _answer_until_end(text):
-    """re.search(r"<answer>(.*?)(?:<\\|eot_id\\|>|<\\|endoftext\\|>|</answer>)", text, re.DOTALL).group(1)."""
-    start = text.find(ANSWER_OPEN)
-    if start < 0:
-        return None
-    end = _first_marker(text, start + len(ANSWER_OPEN), EOT_MARKERS + (ANSWER_CLOSE,))
-    return None if end < 0 else text[start + len(ANSWER_OPEN):end]
-
-
-def _after_answer(text):
-    """re.search(r"</answer>\\s*(.*?)(?:<\\|eot_id\\|>|<\\|endoftext\\|>|$)", text, re.DOTALL).group(1):
-    after the first </answer> and its spaces, up to an end marker or the end ($ also stops before a
-    final newline)."""
-    start = text.find(ANSWER_CLOSE)
-    if start < 0:
-        return None
-    inner = _SPACES_RUN.match(text, start + len(ANSWER_CLOSE)).end()
-    end = _first_marker(text, inner, EOT_MARKERS)
-    if end < 0:
-        end = len(text) - 1 if text.endswith("\n") and inner <= len(text) - 1 else len(text)
-    return text[inner:end]
-
-
-# d1's five patterns (eval/parse_and_get_acc.py), in its order.
-_SUDOKU_PATTERNS = (_sudoku_code_block, _answer_until_end, _after_answer,
-                    _sixteen_digits_before_close, _sixteen_digits_alone)
+_SUDOKU_PARSES = (                   # each _group(d1's re.search(pattern, text)), in linear time
+    sudoku_code_block,
+    # where the search fails at the first <answer> it fails at every later one, after scanning the rest
+    lambda t: _group(SUDOKU_PATTERNS[1].match(t, t.find(ANSWER_OPEN))) if ANSWER_OPEN in t else None,
+    lambda t: _group(SUDOKU_PATTERNS[2].search(t)),
+    # the leading .*? already tries every start, which search would try again from each
+    lambda t: _group(SUDOKU_PATTERNS[3].match(t)),
+    lambda t: _group(SUDOKU_PATTERNS[4].search(t)))
 
 
 def sudoku_grid_d1(text):
-    """d1's Sudoku evaluation parse: the first of five patterns whose group is not blank wins (a code
-    block in the answer, the answer tags, the text after </answer>, 16 digits before </answer>, 16
-    digits alone); whitespace is then removed. "" when none matches."""
-    for pattern in _SUDOKU_PATTERNS:
-        group = pattern(text)
+    """d1's Sudoku evaluation parse: the group of the first pattern that is not blank, without its
+    whitespace; "" when there is none."""
+    for parse in _SUDOKU_PARSES:
+        group = parse(text)
         if group and group.strip():
-            return _SPACES.sub("", group.strip())
+            return _SPACE.sub("", group.strip())
     return ""
 
 
@@ -747,22 +532,14 @@ _ASCII_DIGIT = re.compile(r"[0-9]")
 
 def first_digits(text, count=SUDOKU_CELLS):
     """The first `count` ASCII digits of the text, everything else (newlines...) skipped."""
-    digits = []
-    for match in _ASCII_DIGIT.finditer(text):
-        digits.append(match.group())
-        if len(digits) == count:
-            break
-    return "".join(digits)
+    return "".join(m.group() for m in itertools.islice(_ASCII_DIGIT.finditer(text), count))
 
 
 def tiny_sudoku_cells_reward(completions, puzzle, solution, **columns):
     """tiny_sudoku: the fraction of the puzzle's blank cells that the completion's first 16 digits
     fill correctly (weight 1.0)."""
-    out = []
-    for c, p, s in zip(completions, puzzle, solution):
-        correct, empty = sudoku_cells_correct(first_digits(_text(c)), p, s)
-        out.append(correct / empty if empty else 0.0)
-    return out
+    cells = [sudoku_cells_correct(first_digits(_text(c)), p, s) for c, p, s in zip(completions, puzzle, solution)]
+    return [correct / empty if empty else 0.0 for correct, empty in cells]
 
 
 def tiny_sudoku_solved_reward(completions, solution, **columns):
@@ -776,21 +553,15 @@ _SUDOKU_UNITS = ([[r * 4 + c for c in range(4)] for r in range(4)]              
                     for br in (0, 2) for bc in (0, 2)])
 
 
-def _is_solution_grid(grid):
-    """16 digits 1-4 with every row, column and box holding each digit once."""
-    if len(grid) != SUDOKU_CELLS or any(c not in "1234" for c in grid):
-        return False
-    return all(len({grid[i] for i in unit}) == 4 for unit in _SUDOKU_UNITS)
-
-
 def sudoku_valid(completion, puzzle):
     """True when the completion's grid is a complete valid 4x4 Sudoku that keeps the puzzle's given
     cells. The grid is read with d1's parse when the completion has <answer> tags (d1's format),
     else as the first 16 digits (tiny_sudoku's rows). A puzzle with several solutions accepts any."""
     text = _text(completion)
     grid = sudoku_grid_d1(text)[:SUDOKU_CELLS] if ANSWER_OPEN in text else first_digits(text)
-    return (_is_solution_grid(grid) and len(puzzle) == SUDOKU_CELLS
-            and all(p == SUDOKU_EMPTY or p == g for p, g in zip(puzzle, grid)))
+    return (len(grid) == SUDOKU_CELLS and all(c in "1234" for c in grid)
+            and all(len({grid[i] for i in unit}) == 4 for unit in _SUDOKU_UNITS)
+            and len(puzzle) == SUDOKU_CELLS and all(p == SUDOKU_EMPTY or p == g for p, g in zip(puzzle, grid)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -814,25 +585,22 @@ def reward_functions(task):
 
 
 def score(task, completion, **columns):
-    """(correct, total) of one completion, parsed as d1's evaluation parses it.
-
-    gsm8k, math500, countdown: (1 or 0, 1). sudoku: (correct cells, empty cells), d1's cell
-    accuracy. tiny_sudoku: (1 if solved else 0, 1). Never raises on any completion text.
-    """
+    """(correct, total) of one completion, parsed as d1's evaluation parses it: (1 or 0, 1) for
+    gsm8k, math500, countdown and tiny_sudoku (solved), d1's (correct cells, empty cells) for
+    sudoku. Never raises on any completion text."""
     text = _text(completion)
     if task == "gsm8k":
         number = gsm8k_number(text)
-        reference = columns["answer"]
         try:
-            reference = float(str(reference).replace(",", "")) if reference is not None else None
+            reference = float(str(columns["answer"]).replace(",", "")) if columns["answer"] is not None else None
         except ValueError:
             reference = None
         return int(number is not None and reference is not None and number == reference), 1
     if task == "math500":
         inside = boxed_answer(text)
         if not inside:
-            tagged = first_answer_tag(text)
-            inside = tagged.strip() if tagged is not None else inside
+            tags = answer_tags(text)
+            inside = tags[0].strip() if tags else inside
         return int(inside is not None and is_equiv(inside, math_reference(columns["answer"]))), 1
     if task == "countdown":
         return int(check_countdown(countdown_expression(text), columns["numbers"], columns["target"])), 1
@@ -843,110 +611,12 @@ def score(task, completion, **columns):
     raise ValueError(f"no score for task {task!r}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# python rewards.py --bench: hostile text, timed
-
-BENCH_COLUMNS = {
-    "gsm8k": {"answer": "18"},
-    "math500": {"answer": "\\frac{1}{2}"},
-    "countdown": {"numbers": [9, 9, 9], "target": 24},
-    "sudoku": {"puzzle": "4320004330100004", "solution": "4321124334122134"},
-    "tiny_sudoku": {"puzzle": "4320004330100004", "solution": "4321124334122134"},
-}
-
-
-def hostile_texts(rng, size):
-    """One hostile completion of roughly `size` characters, of a random kind."""
-    kind = rng.randrange(14)
-    if kind == 0:
-        return "<reasoning>\nx\n</reasoning>\n<answer>\n9**9**9**9\n</answer>\n"
-    if kind == 1:
-        return "<answer>" + "(" * size + "9*9*9" + ")" * rng.randrange(size + 1) + "</answer>"
-    if kind == 2:
-        return "\\boxed{" * (size // 7) + rng.choice(["", "}", "{}"])
-    if kind == 3:
-        chunk = "".join(rng.choice("\u0660\u0661\u0662\uff11\uff12\u00b2 <>/answer{}") for _ in range(64))
-        return chunk * (size // 64 + 1)
-    if kind == 4:
-        return "<answer>\x00" + "1\x00" * (size // 2) + "</answer>"
-    if kind == 5:
-        return "\\boxed{" + "9" * size + "}" + "<answer>" + "1" * size + "</answer>"
-    if kind == 6:
-        return "<answer>" * (size // 8) + " " * rng.randrange(size + 1)
-    if kind == 7:
-        return "<reasoning>\n" + "\n</reasoning>\n<answer>\n" * (size // 24) + "\n</answer>"
-    if kind == 8:
-        return "{" * (size // 2) + "\\boxed{" + "{" * (size // 2)
-    if kind == 9:
-        return "</reasoning>" + " " * size + "<answer" + "```" * (size // 3)
-    if kind == 10:
-        return "\\frac" * (size // 5) + "\\sqrt" * (size // 5) + "1/" + "2" * size
-    if kind == 11:
-        return "1 " * (size // 2) + "= 3" + "</answer>" + "1234" * (size // 4)
-    if kind == 12:
-        return "\\text{ " * (size // 7) + "<|eot_id|>" + "\\boxed " * (size // 7)
-    return ""
-
-
-def bench(num_completions=100_000, seed=0):
-    """Time every reward function and `score` of every task on hostile completions.
-
-    Returns the slowest single call as (seconds, task, function, length), that call re-timed (best
-    of 5, to tell a slow input from a scheduler or collector hiccup), the 99.9th percentile of all
-    call times, and the total time. The garbage collector is paused while timing.
-    """
-    rng = random.Random(seed)
-    big = [hostile_texts(rng, 1_000_000) for _ in range(16)] + ["9" * 100_000, "(" * 100_000]
-    texts = []
-    for i in range(num_completions):
-        if i % 5000 == 0:
-            texts.append(big[(i // 5000) % len(big)])
-        else:
-            texts.append(hostile_texts(rng, rng.choice([10, 100, 1000, 5000])))
-
-    def call(task, fn, batched, text):
-        if batched:
-            fn([text], **{k: [v] for k, v in BENCH_COLUMNS[task].items()})
-        else:
-            fn(task, text, **BENCH_COLUMNS[task])
-
-    times, slowest = [], (0.0, "", "", 0)
-    worst_call = None
-    gc.collect()
-    gc.disable()
-    total_start = time.perf_counter()
-    try:
-        for task in BENCH_COLUMNS:
-            calls = [(fn.__name__, fn, True) for fn, _ in reward_functions(task)] + [("score", score, False)]
-            for name, fn, batched in calls:
-                for text in texts:
-                    start = time.perf_counter()
-                    call(task, fn, batched, text)
-                    elapsed = time.perf_counter() - start
-                    times.append(elapsed)
-                    if elapsed > slowest[0]:
-                        slowest, worst_call = (elapsed, task, name, len(text)), (task, fn, batched, text)
-        total = time.perf_counter() - total_start
-        retimed = []
-        for _ in range(5):
-            start = time.perf_counter()
-            call(*worst_call)
-            retimed.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    times.sort()
-    return slowest, min(retimed), times[int(0.999 * (len(times) - 1))], total
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="time every reward on hostile text")
+    parser.add_argument("--bench", action="store_true", help="time d1's expressions and every reward on hostile text")
     parser.add_argument("--num-completions", type=int, default=100_000, help="hostile completions to time")
     args = parser.parse_args()
     if not args.bench:
         parser.error("nothing to do: pass --bench")
-    (seconds, task, name, length), retimed, p999, total = bench(args.num_completions)
-    print(f"slowest single call: {seconds * 1e3:.2f} ms ({task} {name}, {length} chars; re-timed "
-          f"{retimed * 1e3:.2f} ms); 99.9th percentile {p999 * 1e3:.3f} ms; total {total:.1f} s for "
-          f"{args.num_completions} completions x every reward and score of {len(BENCH_COLUMNS)} tasks")
-    sys.exit(0 if math.isfinite(seconds) else 1)
+    import hostile    # the benchmark lives with the hostile corpus it times
+    hostile.bench(args.num_completions)
