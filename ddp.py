@@ -35,8 +35,10 @@ def init():
         return 0, 1, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
+        # the GPU comes from the rank on this node (RANK is global across nodes); modulo the GPUs this process
+        # sees, since a launcher may show each process one GPU (SLURM --gpus-per-task=1: always cuda:0)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
     else:
@@ -106,20 +108,24 @@ def all_reduce_gradients(params):
 
 
 def broadcast_parameters(module):
-    """Copy rank 0's parameters to every rank, so that all ranks start identical."""
+    """Copy rank 0's trainable parameters to every rank, so that all ranks start identical. Frozen ones
+    (a LoRA base: 16 GB at 8B) are not sent: every rank loaded them from the same files."""
     if not is_distributed():
         return
     for p in module.parameters():
-        dist.broadcast(p.data, src=0)
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
 
 
 def assert_parameters_identical(module):
-    """Check that every rank holds the same parameters (a cheap checksum, gathered): a broken gradient
-    average shows up here, not as a silently diverged run."""
+    """Check that every rank holds the same trainable parameters (a cheap checksum, gathered): a broken
+    gradient average shows up here, not as a silently diverged run. Sums accumulate in fp64 without an
+    fp64 copy of each tensor."""
     if not is_distributed():
         return
     with torch.no_grad():
-        checksum = sum(float(p.double().sum()) + float(p.double().abs().sum()) for p in module.parameters())
+        checksum = sum(float(p.sum(dtype=torch.float64)) + float(p.abs().sum(dtype=torch.float64))
+                       for p in module.parameters() if p.requires_grad)
     sums = gather_objects(checksum)
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"parameters differ across ranks (checksums {sums})")
@@ -179,6 +185,13 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed, rank):
+    """The global RNGs' seed of a rank, for randomness that must differ across ranks (LoRA dropout in SFT):
+    rank 0 keeps the run's seed, so a one-process run is unchanged. Whatever must agree across ranks (init,
+    masks, rollout noise) is drawn from explicit generators, never from these RNGs."""
+    return seed if rank == 0 else derive_seed(seed, rank)
 
 
 def rng_state():

@@ -147,6 +147,9 @@ if not os.path.isdir(args.model):
                      "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
 tokenizer = M.load_tokenizer(args.model)
 lora = M.is_adapter(args.model) or args.lora_r > 0
+if device.type == "cuda" and not lora:  # refuse before loading what cannot fit
+    M.check_full_finetuning_fits(M.config_parameters(M.read_config(args.model)),
+                                 torch.cuda.get_device_properties(device).total_memory, reference=args.beta > 0)
 # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
 model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
 if M.is_adapter(args.model):

@@ -236,7 +236,9 @@ class LLaDA(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
-        return self.ff_out(self.ln_f(x[:, positions]))[..., : self.cfg.vocab_size]
+        logits = self.ff_out(self.ln_f(x[:, positions]))
+        # a padded embedding (rows past the vocabulary) is cut; otherwise no slice, so no strided view to copy
+        return logits[..., : self.cfg.vocab_size] if self.cfg.embedding_size > self.cfg.vocab_size else logits
 
 
 def num_parameters(model):
@@ -404,6 +406,43 @@ def checkpoint_shards(path):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def read_config(path):
+    """The ModelConfig of a checkpoint folder's config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        return ModelConfig.from_llada(json.load(f))
+
+
+def config_parameters(cfg):
+    """How many parameters a model of this config has (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        return num_parameters(LLaDA(cfg))
+
+
+# Full fine-tuning keeps, per trained parameter, an fp32 weight, an fp32 gradient and AdamW's two fp32
+# moments; GRPO with beta > 0 adds a frozen fp32 reference copy. Activations come on top.
+BYTES_PER_TRAINED_PARAMETER = 16
+BYTES_PER_REFERENCE_PARAMETER = 4
+
+
+def full_finetuning_bytes(num_params, world_size=1, fsdp=False, reference=False):
+    """Bytes per GPU of the weights, gradients, AdamW state (and reference) of full fine-tuning: all of them
+    on every rank under DDP, a 1 / world_size shard of each under FSDP."""
+    per_parameter = BYTES_PER_TRAINED_PARAMETER + (BYTES_PER_REFERENCE_PARAMETER if reference else 0)
+    return num_params * per_parameter // (world_size if fsdp else 1)
+
+
+def check_full_finetuning_fits(num_params, gpu_bytes, world_size=1, fsdp=False, reference=False):
+    """Refuse, before loading anything, a full fine-tuning whose states alone exceed the GPU's memory (an 8B
+    model needs ~128 GB per GPU under DDP: forgetting --lora-r should not end in an out-of-memory error)."""
+    need = full_finetuning_bytes(num_params, world_size, fsdp, reference)
+    if need > gpu_bytes:
+        raise SystemExit(
+            f"full fine-tuning of {num_params / 1e9:.2f}B parameters needs {need / 2**30:.0f} GiB per GPU for fp32 "
+            f"weights, gradients and AdamW state{' and the reference copy' if reference else ''}, more than this "
+            f"GPU's {gpu_bytes / 2**30:.0f} GiB: pass --lora-r R to train LoRA adapters on a frozen bf16 base, or "
+            "--fsdp to shard full fine-tuning over the GPUs")
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """Load a folder in LLaDA's layout (or a PEFT adapter folder on top of its base) into our model.
 
@@ -417,8 +456,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: pass a checkpoint folder "
                                 f"(LLaDA's layout) or a preset name ({', '.join(PRESETS)})")
-    with open(config_path) as f:
-        cfg = ModelConfig.from_llada(json.load(f))
+    cfg = read_config(path)
     shards = checkpoint_shards(path)
     with torch.device("meta"):
         model = LLaDA(cfg)
@@ -453,7 +491,7 @@ def merged_state(model):
                 continue
             t = p.detach()
             if isinstance(module, LoRALinear) and pname == "weight" and module.lora_enabled:
-                t = t + module.delta_weight().to(t.dtype)
+                t = (t.float() + module.delta_weight()).to(t.dtype)  # added in fp32, rounded once to the base's dtype
             state[f"{name}.{pname}" if name else pname] = t
     return state
 
@@ -540,7 +578,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.lora_enabled:
-            h = self.lora_dropout(x).to(self.lora_A.dtype)
+            h = self.lora_dropout(x)
+            if not torch.is_autocast_enabled(x.device.type):  # under autocast the bf16 input stays bf16: no fp32 copy
+                h = h.to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
         return y
 
@@ -678,22 +718,30 @@ def forward_mask(input_ids, prompt_lengths, mask_id, eps=1e-3, generator=None, n
     return noisy, masked, p
 
 
-def sft_loss(logits, input_ids, masked, p, prompt_lengths):
+def sft_loss(logits, input_ids, masked, p, prompt_lengths, start=0):
     """LLaDA's SFT loss (its appendix, eq. for SFT): the cross-entropy of every masked response token,
     weighted 1/p, summed and divided by the number of response tokens (d1's normalisation).
-    logits (B, L, V), input_ids/masked (B, L), p (B, 1), prompt_lengths (B,)."""
+    logits (B, L - start, V) are those of positions start.. (the model's `positions=slice(start, None)`;
+    start <= the shortest prompt, so every response position is there), input_ids/masked (B, L), p (B, 1),
+    prompt_lengths (B,)."""
     L = input_ids.shape[1]
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (num_masked,)
+    masked, targets = masked[:, start:], input_ids[:, start:]
+    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")  # (num_masked,)
     num_response = (L - prompt_lengths).sum().clamp(min=1)
     return (ce / p.expand_as(masked)[masked]).sum() / num_response
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**28  # ~1 GiB of fp32 logits at a time in token_logprobs
+
+
 def token_logprobs(logits, targets):
     """log p(target) at every position: -CE(logits_i, target_i). logits (B, L, V), targets (B, L) -> (B, L).
-    Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy."""
-    rows = max(1, 2**28 // max(1, logits.shape[1] * logits.shape[2]))  # ~1 GiB of fp32 logits at a time
-    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().transpose(1, 2), targets[i:i + rows],
-                                       reduction="none") for i in range(0, logits.shape[0], rows)])
+    Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy; each chunk is flattened to
+    (rows * L, V), which needs no copy (cross_entropy over a transposed (B, V, L) view made one)."""
+    B, L, V = logits.shape
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, L * V))
+    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().flatten(0, 1), targets[i:i + rows].flatten(),
+                                       reduction="none").view(-1, L) for i in range(0, B, rows)])
 
 
 # -----------------------------------------------------------------------------
@@ -787,6 +835,22 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high,
     return (loss_tok * mask).sum() / denominator, kl.detach(), clip_fraction.detach()
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path):
+    """The dtype a checkpoint folder stores its weights in (read from its first tensor's header entry)."""
+    with safe_open(checkpoint_shards(path)[0], framework="pt", device="cpu") as f:
+        return SAFETENSORS_DTYPES[f.get_slice(next(iter(f.keys()))).get_dtype()]
+
+
+def merge_adapter(adapter, out):
+    """Fold a LoRA adapter into its base and write a full checkpoint in the base's dtype: the base is loaded
+    in that dtype (16 GB at 8B in bf16, not 32 GB of fp32) and each delta is added in fp32 (merged_state)."""
+    base = adapter_base(adapter)
+    save_model(load_model(adapter, dtype=checkpoint_dtype(base)), load_tokenizer(adapter), out)
+
+
 # -----------------------------------------------------------------------------
 # python model.py merge ADAPTER_DIR OUT_DIR: fold a LoRA adapter into its base and write a full checkpoint
 # in LLaDA's layout (what d1 does between SFT and diffu-GRPO)
@@ -801,5 +865,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not is_adapter(args.adapter):
         raise SystemExit(f"{args.adapter} has no {ADAPTER_CONFIG_NAME}: not a LoRA adapter folder")
-    save_model(load_model(args.adapter), load_tokenizer(args.adapter), args.out)
+    merge_adapter(args.adapter, args.out)
     print(f"merged {args.adapter} into {adapter_base(args.adapter)} -> {args.out}")

@@ -81,7 +81,7 @@ args = parser.parse_args()
 # Distributed init and the batch arithmetic
 
 rank, world_size, device = ddp.init()
-ddp.seed_everything(args.seed)
+ddp.seed_everything(ddp.rank_seed(args.seed, rank))  # per rank: LoRA dropout masks must differ across ranks
 micro = args.micro_batch_size or args.batch_size // world_size
 if micro == 0 or args.batch_size % (micro * world_size) != 0:
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch-size x world size "
@@ -94,6 +94,10 @@ ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per m
 # -----------------------------------------------------------------------------
 # Model and tokenizer
 
+if device.type == "cuda" and args.lora_r == 0:  # refuse before loading what cannot fit
+    M.check_full_finetuning_fits(M.config_parameters(M.PRESETS[args.model] if args.model in M.PRESETS
+                                                     else M.read_config(args.model)),
+                                 torch.cuda.get_device_properties(device).total_memory)
 if args.model in M.PRESETS:
     tokenizer = M.build_tiny_tokenizer()
     model = M.build_model(args.model, tokenizer, seed=args.seed)
@@ -229,9 +233,11 @@ for step in range(start_step, args.max_steps):
         input_ids, prompt_lengths = collate(batch[rows])
         noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, mask_id, args.mask_eps,
                                           noise=(t_noise[rows], u_noise[rows]))
+        # the LM head on response positions only: from the shortest prompt of the micro-batch to the end
+        start = int(prompt_lengths.min())
         with ddp.autocast(device):
-            logits = model(noisy)  # (B, L, V)
-        loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths)
+            logits = model(noisy, positions=slice(start, None))  # (B, L - start, V)
+        loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths, start)
         (loss / accumulation).backward()
         loss_sum += loss.item()
         tokens += input_ids.numel()
