@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -66,6 +67,27 @@ def cleanup():
         # gloo's worker thread may still be freeing tensors of the last collective; if the interpreter is
         # already shutting down it cannot take the GIL and aborts the process (~5% of CPU runs): let it finish
         time.sleep(0.2)
+
+
+# -----------------------------------------------------------------------------
+# Preemption: SLURM (and torchrun, which forwards it to every worker) sends SIGTERM before killing a job
+
+_sigterm = {"received": False}
+
+
+def stop_on_sigterm():
+    """From now on SIGTERM only raises a flag: the loop finishes its step, agrees with the other ranks on
+    stopping (any_rank(sigterm_received()), since each rank sees the signal at its own moment), saves a
+    checkpoint and exits. A second SIGTERM changes nothing; a SIGKILL mid-save leaves the previous
+    checkpoint intact (checkpoints are written under a temporary name, then renamed)."""
+    def handler(signum, frame):  # no print here: a print interrupted by the signal would be re-entered
+        _sigterm["received"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_received():
+    return _sigterm["received"]
 
 
 def print0(*args, **kwargs):

@@ -110,6 +110,7 @@ parser.add_argument("--eval-every", type=int, default=50, help="held-out greedy 
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/grpo", help="final model, checkpoints and metrics.jsonl")
 parser.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints kept (the newest)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
 parser.add_argument("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
 args = parser.parse_args()
@@ -190,26 +191,21 @@ ddp.print0(f"data: {len(prompts)} prompts from {args.task}/{split}, {len(eval_ex
 # Optimiser and resume
 
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
-start_step = 0
-checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
-if args.resume and checkpoint is None:
-    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
-if checkpoint:
-    state = M.load_trainer_state(checkpoint)
-    M.load_checkpoint_weights(checkpoint, model)
-    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
-    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
-    ref_adapter = state["trainer_state"].get("ref_adapter")
+start_step, resumed = 0, None
+if args.resume:
+    start_step, resumed = M.resume(args.out_dir, vars(args), model, optimizer, rank, world_size, ddp.print0)
+if resumed:
+    ddp.set_rng_state(resumed["rng"])
+    ref_adapter = resumed.get("ref_adapter")
     if ref_adapter is not None:
         ref_adapter = {k: v.to(device) for k, v in ref_adapter.items()}
-    if state["trainer_state"].get("ref_model") is not None:
-        ref_model.load_state_dict(state["trainer_state"]["ref_model"])
-    start_step = state["step"]
-    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+    if resumed.get("ref_model") is not None:
+        ref_model.load_state_dict(resumed["ref_model"])
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-if checkpoint:
+if resumed:
     ddp.truncate_jsonl(metrics_path, start_step)  # steps a killed run logged past its checkpoint rerun now
+ddp.stop_on_sigterm()
 
 
 def save(step):
@@ -217,7 +213,8 @@ def save(step):
     if rank == 0:
         trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_adapter": ref_adapter,
                          "ref_model": ref_model.state_dict() if ref_model is not None and args.sync_ref_every else None}
-        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args))
+        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args),
+                                 args.keep_checkpoints)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
@@ -320,6 +317,7 @@ if start_step == 0 and eval_examples:  # the starting point of the accuracy curv
     ddp.print0(f"step 00000/{args.max_steps} | held-out {100 * accuracy:.1f}% (the starting checkpoint)")
 bar = tqdm(total=args.max_steps, initial=start_step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
 optimizer_step = start_step * args.num_iterations
+preempted = False
 for step in range(start_step, args.max_steps):
     last_step = step == args.max_steps - 1
     t0 = time.time()
@@ -419,9 +417,17 @@ for step in range(start_step, args.max_steps):
                   f"kl {record['kl']:.4f} | clip {record['clip_ratio']:.3f} | lr {lr:.2e} | "
                   f"rollout {t_rollout:.1f}s update {t_update:.1f}s | tok/s {record['tok_per_s']:.0f}"
                   + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))
-    if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last_step:
+    # SIGTERM (a preemption) on any rank: every rank stops after this same step, with a checkpoint
+    preempted = not last_step and ddp.any_rank(ddp.sigterm_received())
+    if (preempted or args.save_every > 0 and (step + 1) % args.save_every == 0) and not last_step:
         save(step + 1)
+    if preempted:
+        break
 bar.close()
+if preempted:
+    ddp.print0(f"SIGTERM: stopped after step {step + 1} and saved its checkpoint; the same command with --resume continues")
+    ddp.cleanup()
+    raise SystemExit(0)
 ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------

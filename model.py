@@ -753,7 +753,8 @@ def token_logprobs(logits, targets):
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args):
+def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep=1):
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
     if lora_modules(model):
@@ -767,20 +768,26 @@ def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, 
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    # the new checkpoint is in place: older ones and leftovers of killed saves can go
-    for name in os.listdir(out_dir):
-        if name.startswith(CHECKPOINT_PREFIX) and name != os.path.basename(final) or name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    # the new checkpoint is in place: the oldest beyond `keep` and leftovers of killed saves can go
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX))
+    old = [n for n in names if n != os.path.basename(final)][: max(0, len(names) - max(keep, 1))]
+    for name in old + [n for n in os.listdir(out_dir) if n.startswith(".tmp-")]:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     return final
+
+
+def complete_checkpoints(out_dir):
+    """The checkpoint folders of out_dir that hold a state.json (written last), newest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX)
+                    and os.path.exists(os.path.join(out_dir, n, "state.json"))), reverse=True)
+    return [os.path.join(out_dir, n) for n in names]
 
 
 def latest_checkpoint(out_dir):
     """The newest complete checkpoint folder in out_dir, or None."""
-    if not os.path.isdir(out_dir):
-        return None
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX)
-                   and os.path.exists(os.path.join(out_dir, n, "state.json")))
-    return os.path.join(out_dir, names[-1]) if names else None
+    return next(iter(complete_checkpoints(out_dir)), None)
 
 
 def load_checkpoint_weights(path, model):
@@ -802,6 +809,60 @@ def load_trainer_state(path):
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
                                         map_location="cpu")  # rank 0 wrote it; every rank reads it
     return state
+
+
+# Settings a resume may change: they extend the run or say where and how often to write, never what a step
+# computes. (--max-steps moves the end, so a cosine or linear schedule spans the new length; gradient
+# checkpointing only trades memory for time.) Any other changed flag is refused.
+RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "save_every", "eval_every", "eval_examples", "keep_checkpoints",
+                     "resume", "out_dir", "data_dir", "grad_checkpointing")
+
+
+def changed_settings(saved_args, args):
+    """The flags whose value differs from the checkpoint's, as '--name saved -> now' strings. Flags the
+    checkpoint does not know (added to the script since) are not compared."""
+    return [f"--{k.replace('_', '-')} {saved_args[k]!r} -> {v!r}" for k, v in sorted(args.items())
+            if k in saved_args and k not in RESUME_MAY_CHANGE and saved_args[k] != v]
+
+
+def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
+    """Continue a run from the newest readable checkpoint of out_dir, for sft.py and grpo.py alike: refuse
+    one whose settings differ from `args` (a dict), load weights, optimizer state and this rank's RNG state,
+    and fall back to the previous checkpoint, saying so, when one cannot be read (a damaged file).
+    Returns (step, trainer_state), or (0, None) when out_dir holds no checkpoint."""
+    candidates = complete_checkpoints(out_dir)
+    if not candidates:
+        log(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+        return 0, None
+    for path in candidates:
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                saved_args = json.load(f)["args"]
+        except (OSError, ValueError, KeyError) as error:
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            continue
+        changed = changed_settings(saved_args, args)
+        if changed:  # a user error, not a damaged file: no fallback
+            raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}. Run the "
+                             f"command it was started with (these may change: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}), or choose a "
+                             "new --out-dir")
+        try:
+            state = load_trainer_state(path)
+            load_checkpoint_weights(path, model)
+            optimizer.load_state_dict(state["trainer_state"]["optimizer"])
+        except Exception as error:  # a truncated or corrupt file: safetensors, pickle and zip raise their own
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            continue
+        rng = state["trainer_state"]["rng"]  # one state per rank
+        if len(rng) != world_size:  # the data split, rollout noise and RNG streams depend on the world size
+            raise SystemExit(f"--resume: {path} was written by a run of {len(rng)} ranks, this one has {world_size}: "
+                             "resume it with as many")
+        state["trainer_state"]["rng"] = rng[rank]
+        log(f"resumed from {path} at step {state['step']}")
+        return state["step"], state["trainer_state"]
+    raise SystemExit(f"--resume: none of the {len(candidates)} checkpoints in {out_dir} can be read (see above); "
+                     "remove them to start over")
 
 
 def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):

@@ -73,6 +73,7 @@ parser.add_argument("--eval-every", type=int, default=100, help="held-out accura
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/sft", help="final model, checkpoints and metrics.jsonl")
 parser.add_argument("--save-every", type=int, default=100, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints kept (the newest)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
 parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and masks")
 args = parser.parse_args()
@@ -166,21 +167,16 @@ eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
 # Optimiser and resume
 
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
-start_step = 0
-checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
-if args.resume and checkpoint is None:
-    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
-if checkpoint:
-    state = M.load_trainer_state(checkpoint)
-    M.load_checkpoint_weights(checkpoint, model)
-    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
-    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
-    start_step = state["step"]
-    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+start_step, resumed = 0, None
+if args.resume:
+    start_step, resumed = M.resume(args.out_dir, vars(args), model, optimizer, rank, world_size, ddp.print0)
+if resumed:
+    ddp.set_rng_state(resumed["rng"])
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-if checkpoint:
+if resumed:
     ddp.truncate_jsonl(metrics_path, start_step)  # steps a killed run logged past its checkpoint rerun now
+ddp.stop_on_sigterm()
 
 
 def save(step):
@@ -188,7 +184,7 @@ def save(step):
     rng = ddp.gather_objects(ddp.rng_state())
     if rank == 0:
         path = M.save_checkpoint(args.out_dir, step, model, tokenizer, args.model,
-                                 {"optimizer": optimizer.state_dict(), "rng": rng}, vars(args))
+                                 {"optimizer": optimizer.state_dict(), "rng": rng}, vars(args), args.keep_checkpoints)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
@@ -207,7 +203,7 @@ def held_out_accuracy():
 model.train()
 bar = tqdm(total=args.max_steps, initial=start_step, desc="sft", disable=rank != 0, dynamic_ncols=True)
 t_start = time.time()
-final_step = args.max_steps
+final_step, preempted = args.max_steps, False
 for step in range(start_step, args.max_steps):
     t0 = time.time()
     # under --max-seconds the schedule runs over the time budget when that ends first (run_tiny.sh's baseline
@@ -265,9 +261,17 @@ for step in range(start_step, args.max_steps):
     if last_step:
         final_step = step + 1
         break
-    if args.save_every > 0 and (step + 1) % args.save_every == 0:
+    # SIGTERM (a preemption) on any rank: every rank stops after this same step, with a checkpoint
+    preempted = ddp.any_rank(ddp.sigterm_received())
+    if preempted or (args.save_every > 0 and (step + 1) % args.save_every == 0):
         save(step + 1)
+    if preempted:
+        break
 bar.close()
+if preempted:
+    ddp.print0(f"SIGTERM: stopped after step {step + 1} and saved its checkpoint; the same command with --resume continues")
+    ddp.cleanup()
+    raise SystemExit(0)
 ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo
       that model.load_model loads on its base, a KL against the reference, a mixed reference adapter;
   (c) + (f) beta = 0 (KL exactly 0 in every record) with --scale-rewards group, run over 2 gloo ranks,
       which keep the parameters identical;
+- preemption: a real SIGTERM to the launcher of that 2-rank run stops both ranks after the same step with a
+  checkpoint; --resume ends bitwise equal to the uninterrupted run; two torchrun launchers of one process
+  each (--nnodes 2, c10d on 127.0.0.1) end bitwise equal to it too;
 - user errors: a missing --model folder points to `python sft.py`. (--prompts-per-step not divisible by the
   world size is not run here: a third 2-process launch costs ~6 CPU-seconds of the suite's budget.)
 """
@@ -33,8 +36,9 @@ import torch
 
 import model as M
 import rewards
-from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, checkpoints, digit_checkpoint,
-                     max_difference, parameters, read_metrics, run_script)
+from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, assert_stopped_cleanly_by_sigterm,
+                     checkpoints, digit_checkpoint, max_difference, parameters, read_metrics, run_script,
+                     run_two_nodes, run_with_sigterm)
 
 # mu 2 and beta > 0 pinned (the paths under test); temperature pinned so that groups have a reward spread
 TINY = ["--prompts-per-step", 2, "--num-generations", 4, "--num-iterations", 2, "--beta", 0.04,
@@ -303,17 +307,49 @@ def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
     assert 0 < distance(reference, adapter) < distance(zero, adapter)
 
 
-def test_two_ranks_with_beta_0_and_group_scaled_rewards(start, workdir):
-    """2 gloo ranks (one prompt, one whole group each) keep the parameters identical; beta 0 skips the
-    reference (c: KL exactly 0 in every record); --scale-rewards group (f) runs."""
+TWO_RANKS = ["--beta", 0, "--scale-rewards", "group", "--max-steps", 4, "--save-every", 0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(start, workdir):
+    """2 gloo ranks, one prompt (one whole group) each: the reference of the preemption and multi-node tests."""
     out = workdir / "two_ranks"
-    run = grpo(start, out, "--beta", 0, "--scale-rewards", "group", "--max-steps", 2, "--save-every", 0, nproc=2)
+    return out, grpo(start, out, *TWO_RANKS, nproc=2)
+
+
+def test_two_ranks_with_beta_0_and_group_scaled_rewards(two_ranks):
+    """2 gloo ranks keep the parameters identical; beta 0 skips the reference (c: KL exactly 0 in every
+    record); --scale-rewards group (f) runs."""
+    out, run = two_ranks
     assert "parameters identical on all 2 ranks" in run.output
-    records = check_records(out, 2)  # rank 0 alone writes
+    records = check_records(out, 4)  # rank 0 alone writes
     assert all(r["kl"] == 0.0 for r in records)
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     assert "eval_accuracy" in records[-1]  # the held-out evaluation is sharded over the ranks too
     assert (out / "model.safetensors").is_file()
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resume_is_bitwise_exact(two_ranks, start, workdir):
+    """A real SIGTERM to the launcher of the 2-rank run (forwarded to both workers) once step 1 is logged: both
+    ranks stop after the same step with a checkpoint (--save-every 0: the preemption saves anyway); the same
+    command with --resume ends bitwise equal to the uninterrupted run."""
+    out = workdir / "preempted"
+    run = run_with_sigterm("grpo.py", "--model", start, *TINY, *TWO_RANKS, "--out-dir", out, out_dir=out,
+                           after_step=1)
+    stopped = assert_stopped_cleanly_by_sigterm(run, out, 4)
+    resumed = grpo(start, out, *TWO_RANKS, "--resume", nproc=2)
+    assert f"at step {stopped}" in resumed.output
+    check_records(out, 4)
+    assert_bitwise_equal(parameters(out), parameters(two_ranks[0]))
+
+
+def test_two_nodes_equal_one_node(two_ranks, start, workdir):
+    """Two torchrun launchers of one process each (--nnodes 2, c10d rendezvous on 127.0.0.1): bitwise the run
+    of one node with 2 processes (rollout noise comes from the global rank)."""
+    out = workdir / "two_nodes"
+    run_two_nodes("grpo.py", "--model", start, *TINY, *TWO_RANKS, "--out-dir", out)
+    check_records(out, 4)
+    assert_bitwise_equal(parameters(out), parameters(two_ranks[0]))
 
 
 def test_missing_model_points_to_sft(tmp_path):

@@ -11,6 +11,10 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
 - exact resume: a run killed with SIGKILL after its first checkpoint, whose out-dir also holds a
   half-written `.tmp-checkpoint-*` folder (a kill during a save), resumed with --resume, ends bitwise
   equal to the uninterrupted run, and its metrics.jsonl holds each step once;
+- preemption: a real SIGTERM to the launcher of a 2-rank torchrun run stops both ranks after the same step
+  with a checkpoint and a clean exit; --resume then ends bitwise equal to the uninterrupted 2-rank run;
+- multi-node: two torchrun launchers (--nnodes 2, c10d rendezvous on 127.0.0.1) end bitwise equal to one
+  node of 2 processes;
 - LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
   logits; LoRA on a preset (random weights) is refused;
 - --max-seconds stops early, its lr schedule runs over the time budget, and it still writes the final model;
@@ -27,8 +31,9 @@ import pytest
 import torch
 
 import model as M
-from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error, checkpoints,
-                     command, max_difference, parameters, read_metrics, run_script, script_env, tiny_checkpoint)
+from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error,
+                     assert_stopped_cleanly_by_sigterm, checkpoints, command, max_difference, parameters, read_metrics,
+                     run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
 
 MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
 TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
@@ -205,6 +210,29 @@ def test_metrics_after_a_resume_hold_one_record_per_step(killed_and_resumed):
     out, killed_at, _ = killed_and_resumed
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(1, MAX_STEPS + 1)), f"resumed at step {killed_at}; steps logged: {steps}"
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resume_is_bitwise_exact(two_ranks, tmp_path):
+    """A real SIGTERM to the torchrun launcher of a 2-rank run (it forwards it to both workers, as SLURM's
+    signal before a preemption): the run saves the step it finished and exits; the same command with --resume
+    ends bitwise equal to the uninterrupted 2-rank run."""
+    out = tmp_path / "preempted"
+    run = run_with_sigterm("sft.py", *TINY, "--out-dir", out, out_dir=out, after_step=3)
+    stopped = assert_stopped_cleanly_by_sigterm(run, out, MAX_STEPS)
+    resumed = run_script("sft.py", *TINY, "--out-dir", out, "--resume", nproc=2)
+    assert f"resumed from {out / (M.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))
+    assert_bitwise_equal(parameters(out), parameters(two_ranks[0]))
+
+
+def test_two_nodes_equal_one_node(two_ranks, tmp_path):
+    """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d` twice (two "nodes" on this machine, global
+    ranks 0 and 1, LOCAL_RANK 0 on both) is the same run as one node of 2 processes, bitwise; only global
+    rank 0 writes."""
+    out = tmp_path / "two_nodes"
+    runs = run_two_nodes("sft.py", *TINY, "--out-dir", out)
+    assert sum("done:" in run.stdout for run in runs) == 1  # one writer across the nodes
+    assert_bitwise_equal(parameters(out), parameters(two_ranks[0]))
 
 
 # -----------------------------------------------------------------------------
