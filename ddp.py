@@ -5,6 +5,7 @@ The same script runs three ways:
     python sft.py                                        # one process, no process group (world 1)
     torchrun --standalone --nproc_per_node=2 sft.py      # CPU processes over gloo
     torchrun --standalone --nproc_per_node=8 sft.py      # GPUs over nccl, one per process
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT sft.py  # per node
 
 Every rank runs the same code path. Data is sharded by rank, gradients of the trainable parameters
 are averaged with all_reduce (flattened into buckets, not one call per tensor), metrics are averaged
