@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -112,7 +113,7 @@ def all_reduce_gradients(params):
     that a LoRA model with hundreds of adapter tensors costs a handful of collectives."""
     if not is_distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not is_dtensor(p.grad)]  # FSDP averaged those
     world = world_size()
     i = 0
     while i < len(grads):
@@ -136,7 +137,7 @@ def broadcast_parameters(module):
     if not is_distributed():
         return
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not is_dtensor(p):  # FSDP shards were cut from the same full weights
             dist.broadcast(p.data, src=0)
 
 
@@ -144,7 +145,7 @@ def assert_parameters_identical(module):
     """Check that every rank holds the same trainable parameters (a cheap checksum, gathered): a broken
     gradient average shows up here, not as a silently diverged run. Sums accumulate in fp64 without an
     fp64 copy of each tensor."""
-    if not is_distributed():
+    if not is_distributed() or any(is_dtensor(p) for p in module.parameters()):  # sharded: one copy, nothing to compare
         return
     with torch.no_grad():
         checksum = sum(float(p.sum(dtype=torch.float64)) + float(p.abs().sum(dtype=torch.float64))
@@ -153,6 +154,55 @@ def assert_parameters_identical(module):
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"parameters differ across ranks (checksums {sums})")
     print0(f"parameters identical on all {len(sums)} ranks")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 for full fine-tuning that does not fit one GPU: torch's own sharding, not ours. Parameters,
+# gradients and AdamW state are split over the ranks (DTensors); each block's full weights are gathered just
+# before it runs and freed after, and its gradients are averaged over the ranks by a reduce-scatter in the
+# backward pass (so all_reduce_gradients, broadcast_parameters and assert_parameters_identical skip them).
+
+
+def shard_model(model, device):
+    """fully_shard each block, then the root (embedding, final norm, LM head). On GPUs the gathered weights
+    are bf16 and gradients are reduced in fp32, as autocast would compute them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy()
+    if torch.device(device).type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    # the root too is sharded again after each forward (FSDP's default keeps it gathered for the backward): so
+    # that the weights are always slices between steps (GRPO mixes the policy into the reference slice by slice)
+    # and the gathered embedding and head do not sit in memory during rollouts
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    return model
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Hold a sharded model's full weights for a stretch of no-grad forward passes that ranks run a different
+    number of times (the sampler skips a step with nothing to commit; evaluation splits examples unevenly): with
+    the weights gathered once, those passes need no collective. A no-op for a model that is not sharded."""
+    modules = fsdp_modules(model) if "torch.distributed.fsdp" in sys.modules else []
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def is_dtensor(t):
+    return type(t).__name__ == "DTensor"  # without importing torch.distributed.tensor (seconds) when unused
 
 
 def collective_device():

@@ -105,6 +105,8 @@ parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weigh
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
 parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over the ranks with FSDP2 "
+                    "(torch's fully_shard per block), the reference copy too; needs torchrun")
 # Evaluation, logging, checkpoints
 parser.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps; 0 = end only")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
@@ -148,9 +150,13 @@ if not os.path.isdir(args.model):
                      "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
 tokenizer = M.load_tokenizer(args.model)
 lora = M.is_adapter(args.model) or args.lora_r > 0
+if args.fsdp and (lora or world_size == 1):
+    raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r and "
+                     "start from a full checkpoint (LoRA's states are small; DDP replicates them), launch with torchrun")
 if device.type == "cuda" and not lora:  # refuse before loading what cannot fit
     M.check_full_finetuning_fits(M.config_parameters(M.read_config(args.model)),
-                                 torch.cuda.get_device_properties(device).total_memory, reference=args.beta > 0)
+                                 torch.cuda.get_device_properties(device).total_memory, world_size, args.fsdp,
+                                 reference=args.beta > 0)
 # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
 model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
 if M.is_adapter(args.model):
@@ -170,6 +176,10 @@ model.gradient_checkpointing = args.grad_checkpointing
 ref_model, ref_adapter = None, None
 if args.beta > 0 and not lora:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+if args.fsdp:  # the reference sharded the same way, so that mixing it with the policy is slice by slice
+    ddp.shard_model(model, device)
+    if ref_model is not None:
+        ddp.shard_model(ref_model, device)
 mask_id = M.mask_token_id(tokenizer)
 stop_ids = M.stop_token_ids(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +210,7 @@ if resumed:
     if ref_adapter is not None:
         ref_adapter = {k: v.to(device) for k, v in ref_adapter.items()}
     if resumed.get("ref_model") is not None:
-        ref_model.load_state_dict(resumed["ref_model"])
+        M.load_full_state_dict(ref_model, lambda: resumed["ref_model"])
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 if resumed:
@@ -210,11 +220,14 @@ ddp.stop_on_sigterm()
 
 def save(step):
     rng = ddp.gather_objects(ddp.rng_state())
+    # under FSDP, weights, optimizer state and reference are gathered onto rank 0 (collectives: every rank calls)
+    weights = M.full_state_dict(model) if args.fsdp else None
+    optimizer_state = M.full_optimizer_state(model, optimizer)
+    ref_state = M.full_state_dict(ref_model) if ref_model is not None and args.sync_ref_every else None
     if rank == 0:
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_adapter": ref_adapter,
-                         "ref_model": ref_model.state_dict() if ref_model is not None and args.sync_ref_every else None}
+        trainer_state = {"optimizer": optimizer_state, "rng": rng, "ref_adapter": ref_adapter, "ref_model": ref_state}
         path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args),
-                                 args.keep_checkpoints)
+                                 args.keep_checkpoints, weights)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
@@ -307,8 +320,9 @@ def sync_reference():
 
 def held_out_accuracy():
     """Greedy accuracy on the held-out prompts (evaluate.py's function, sharded over the ranks)."""
-    return evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
-                             **defaults)["accuracy"]
+    with ddp.unsharded(model):  # FSDP: ranks run different numbers of forward passes here
+        return evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                                 **defaults)["accuracy"]
 
 
 if start_step == 0 and eval_examples:  # the starting point of the accuracy curve
@@ -325,7 +339,8 @@ for step in range(start_step, args.max_steps):
     # 1. rollouts
     # this rank's prompts: its share of the step's global batch, whole groups per rank
     prompt_indices = ddp.shard(ddp.step_indices(step, args.prompts_per_step, len(prompts), args.seed), rank, world_size)
-    sequences, prompt_mask, canvas, completion_mask, texts = rollout(step, prompt_indices)
+    with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so counts differ by rank
+        sequences, prompt_mask, canvas, completion_mask, texts = rollout(step, prompt_indices)
     N, prompt_length = sequences.shape[0], sequences.shape[1] - gen_length
     attention_mask = None if prompt_mask is None else torch.cat(
         [prompt_mask, torch.ones(N, gen_length, dtype=prompt_mask.dtype, device=device)], dim=1)
@@ -434,10 +449,11 @@ ddp.assert_parameters_identical(model)
 # Final model (LLaDA's layout, or the adapter folder) and a last resumable checkpoint
 
 save(args.max_steps)
+weights = M.full_state_dict(model) if args.fsdp else None
 if rank == 0:
     if lora:
         M.save_adapter(model, args.out_dir, base_model, extra_files={"training_args.json": vars(args)})
     else:
-        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)}, state=weights)
     print(f"done: model in {args.out_dir}", flush=True)
 ddp.cleanup()

@@ -24,9 +24,11 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -511,11 +513,12 @@ def files_into(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=None):
+def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=None, state=None):
     """Write a full checkpoint in LLaDA's published layout (LoRA merged in): config.json, safetensors
     shards under LLaDA's tensor names (+ index when sharded), tokenizer files. `extra_files` maps
-    file names to JSON-able objects written alongside (arguments, step...)."""
-    state = {to_llada_name(k): v.contiguous() for k, v in merged_state(model).items()}
+    file names to JSON-able objects written alongside (arguments, step...). `state`, when given, holds the
+    weights under our names (full_state_dict of a model sharded by FSDP) instead of the model's own."""
+    state = {to_llada_name(k): v.contiguous() for k, v in (merged_state(model) if state is None else state).items()}
     with files_into(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.cfg.to_llada(), f, indent=2)
@@ -753,14 +756,15 @@ def token_logprobs(logits, targets):
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep=1):
-    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints."""
+def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep=1, state=None):
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints. `state`: the
+    gathered weights of a model sharded by FSDP (full_state_dict), written in place of the model's own."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
     if lora_modules(model):
         save_adapter(model, os.path.join(tmp, "adapter"), base_model)
     else:
-        save_model(model, tokenizer, os.path.join(tmp, "model"))
+        save_model(model, tokenizer, os.path.join(tmp, "model"), state=state)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "args": args}, f, indent=2)
@@ -791,9 +795,12 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint_weights(path, model):
-    """Copy a checkpoint's weights (full model or adapter) into `model`, in place."""
+    """Copy a checkpoint's weights (full model or adapter) into `model`, in place. A model sharded by FSDP
+    gets them from rank 0, which alone reads the files."""
     if os.path.isdir(os.path.join(path, "adapter")):
         return load_adapter(model, os.path.join(path, "adapter"))
+    if is_sharded(model):
+        return load_full_state_dict(model, lambda: dict(load_model(os.path.join(path, "model")).named_parameters()))
     saved = load_model(os.path.join(path, "model"))
     with torch.no_grad():
         for (name, p), (name2, q) in zip(model.named_parameters(), saved.named_parameters()):
@@ -806,9 +813,81 @@ def load_trainer_state(path):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
+    # rank 0 wrote it; every rank reads it, memory-mapped: under FSDP it holds the full optimizer state, which
+    # only rank 0 reads in full (load_full_optimizer_state)
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
-                                        map_location="cpu")  # rank 0 wrote it; every rank reads it
+                                        map_location="cpu", mmap=True)
     return state
+
+
+# Full fine-tuning sharded with FSDP2 (ddp.shard_model): its parameters are DTensors, each rank holding a
+# 1 / world_size slice. Checkpoints hold the gathered full tensors, in the same files as an unsharded run:
+# the weights stay in LLaDA's layout (evaluate.py and LLaDA's code read them as they are), at the cost of
+# rank 0 holding one full copy in host memory while it writes (torch.distributed.checkpoint would write
+# per-rank shards instead, in a layout nothing else here reads).
+# (torch.distributed.checkpoint is imported only when a model is sharded: it adds seconds to every start)
+
+
+def is_sharded(model):
+    """Whether FSDP2's fully_shard was applied to the model."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def state_dict_options(load):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    if load:  # rank 0's full tensors, each rank keeping its slice
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, one at a time
+
+
+def full_state_dict(model):
+    """The model's state dict with full tensors: gathered onto rank 0 for a sharded model (a collective: every
+    rank calls it; the others get {})."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=state_dict_options(load=False))
+
+
+def full_optimizer_state(model, optimizer):
+    """The optimizer's state dict, gathered onto rank 0 (tensors keyed by parameter name) when sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=state_dict_options(load=False))
+
+
+def load_full_state_dict(model, read):
+    """Load full weights into a model: `read()` returns them. A sharded model: rank 0 alone reads and every
+    rank keeps its slice of rank 0's tensors; a read that fails on rank 0 raises on every rank (so that all
+    ranks fall back to the same checkpoint)."""
+    if not is_sharded(model):
+        model.load_state_dict(read())
+        return model
+    state, error = {}, [None]
+    if dist.get_rank() == 0:
+        try:
+            state = read()
+        except Exception as e:  # told to every rank below, then raised everywhere
+            error = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise OSError(f"rank 0 could not read the weights ({error[0]})")
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=state_dict_options(load=True))
+    return model
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    """Inverse of full_optimizer_state (rank 0's copy is the one broadcast when sharded)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state if dist.get_rank() == 0 else {}, options=state_dict_options(load=True))
 
 
 # Settings a resume may change: they extend the run or say where and how often to write, never what a step
@@ -850,7 +929,7 @@ def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
         try:
             state = load_trainer_state(path)
             load_checkpoint_weights(path, model)
-            optimizer.load_state_dict(state["trainer_state"]["optimizer"])
+            load_full_optimizer_state(model, optimizer, state["trainer_state"]["optimizer"])
         except Exception as error:  # a truncated or corrupt file: safetensors, pickle and zip raise their own
             log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
             continue

@@ -68,6 +68,8 @@ parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 
 parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
 parser.add_argument("--mask-eps", type=float, default=1e-3, help="the smallest masking rate p (LLaDA's eps)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over the ranks with FSDP2 "
+                    "(torch's fully_shard per block): weights, gradients and AdamW state split; needs torchrun")
 # Evaluation, logging, checkpoints
 parser.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps; 0 = only at the end")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
@@ -95,10 +97,13 @@ ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per m
 # -----------------------------------------------------------------------------
 # Model and tokenizer
 
+if args.fsdp and (args.lora_r > 0 or world_size == 1):
+    raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r "
+                     "(LoRA's states are small; DDP replicates them) and launch with torchrun")
 if device.type == "cuda" and args.lora_r == 0:  # refuse before loading what cannot fit
     M.check_full_finetuning_fits(M.config_parameters(M.PRESETS[args.model] if args.model in M.PRESETS
                                                      else M.read_config(args.model)),
-                                 torch.cuda.get_device_properties(device).total_memory)
+                                 torch.cuda.get_device_properties(device).total_memory, world_size, args.fsdp)
 if args.model in M.PRESETS:
     tokenizer = M.build_tiny_tokenizer()
     model = M.build_model(args.model, tokenizer, seed=args.seed)
@@ -114,6 +119,8 @@ if args.lora_r > 0:
     M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")), args.seed)
 model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
+if args.fsdp:
+    ddp.shard_model(model, device)
 mask_id = M.mask_token_id(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
@@ -182,17 +189,21 @@ ddp.stop_on_sigterm()
 def save(step):
     # every rank's RNG state is gathered so that each continues its own stream (LoRA dropout)
     rng = ddp.gather_objects(ddp.rng_state())
+    # under FSDP, weights and optimizer state are gathered onto rank 0 (collectives: every rank calls them)
+    weights = M.full_state_dict(model) if args.fsdp else None
+    optimizer_state = M.full_optimizer_state(model, optimizer)
     if rank == 0:
         path = M.save_checkpoint(args.out_dir, step, model, tokenizer, args.model,
-                                 {"optimizer": optimizer.state_dict(), "rng": rng}, vars(args), args.keep_checkpoints)
+                                 {"optimizer": optimizer_state, "rng": rng}, vars(args), args.keep_checkpoints, weights)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
 
 def held_out_accuracy():
     model.eval()
-    result = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
-                               **eval_settings)
+    with ddp.unsharded(model):  # FSDP: ranks run different numbers of forward passes here
+        result = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                                   **eval_settings)
     model.train()
     return result["accuracy"]
 
@@ -278,11 +289,12 @@ ddp.assert_parameters_identical(model)
 # Final model: LLaDA's layout (or the adapter folder), plus a last resumable checkpoint
 
 save(final_step)
+weights = M.full_state_dict(model) if args.fsdp else None
 if rank == 0:
     if args.lora_r > 0:
         M.save_adapter(model, args.out_dir, args.model, extra_files={"training_args.json": vars(args)})
     else:
-        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)}, state=weights)
     steps_done = final_step - start_step
     elapsed = time.time() - t_start
     print(f"done: {steps_done} steps in {elapsed:.1f}s ({steps_done / max(elapsed, 1e-9):.2f} steps/s); "
