@@ -158,7 +158,9 @@ if device.type == "cuda" and not lora:  # refuse before loading what cannot fit
                                  torch.cuda.get_device_properties(device).total_memory, world_size, args.fsdp,
                                  reference=args.beta > 0)
 # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
-model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
+# (under FSDP the weights stay on the CPU until fully_shard moves each block's slice to the GPU)
+model = M.load_model(args.model, "cpu" if args.fsdp else device,
+                     torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
 if M.is_adapter(args.model):
     base_model = M.adapter_base(args.model)  # continue training the given adapter
 elif args.lora_r > 0:
@@ -169,7 +171,8 @@ else:
 if lora:  # only the adapters train
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-model.to(device)
+if not args.fsdp:
+    model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
 # the reference policy: LoRA -> the base (adapters off), or a frozen copy of the adapters once synced;
 # full fine-tuning -> a frozen copy of the starting model

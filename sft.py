@@ -110,17 +110,20 @@ if args.model in M.PRESETS:
 elif os.path.isdir(args.model):
     tokenizer = M.load_tokenizer(args.model)
     # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
-    model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and args.lora_r > 0 else torch.float32)
+    # under FSDP the weights stay on the CPU until fully_shard moves each block's slice to the GPU
+    model = M.load_model(args.model, "cpu" if args.fsdp else device,
+                         torch.bfloat16 if device.type == "cuda" and args.lora_r > 0 else torch.float32)
 else:
     raise SystemExit(f"--model {args.model!r} is neither a checkpoint folder nor a preset ({', '.join(M.PRESETS)})")
 if args.lora_r > 0:
     if args.model in M.PRESETS:
         raise SystemExit("--lora-r needs a pretrained base: pass --model CHECKPOINT_DIR (a preset starts from random weights)")
     M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")), args.seed)
-model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
 if args.fsdp:
-    ddp.shard_model(model, device)
+    ddp.shard_model(model, device)  # block by block: the GPU never holds the full fp32 model
+else:
+    model.to(device)
 mask_id = M.mask_token_id(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
