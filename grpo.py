@@ -39,7 +39,8 @@ temperature 0.9, lr 2e-4.)
         --lora-r 128 --lora-alpha 64 --prompts-per-step 16 --num-generations 6 --gradient-accumulation-steps 2 \\
         --max-completion-length 256 --block-length 32 --diffusion-steps 128 --temperature 0.9 \\
         --num-iterations 12 --beta 0.04 --epsilon 0.5 --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 \\
-        --sync-ref-every 64 --max-steps 5000 --out-dir out/grpo-gsm8k
+        --sync-ref-every 64 --grad-checkpointing --max-steps 5000 --out-dir out/grpo-gsm8k
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT grpo.py ...  # each node
 """
 
 import argparse

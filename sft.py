@@ -19,6 +19,7 @@ any world size, and exact resume from the newest checkpoint.
     torchrun --standalone --nproc_per_node=8 sft.py --model checkpoints/LLaDA-8B-Instruct --task s1k \\
         --lora-r 128 --lora-alpha 256 --batch-size 16 --micro-batch-size 1 --lr 1e-5 --max-seq-length 4096 \\
         --warmup-steps 50 --lr-schedule constant --grad-checkpointing --max-steps 2000 --out-dir out/sft-8b
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT sft.py ...  # each node
 """
 
 import argparse
