@@ -789,11 +789,6 @@ def complete_checkpoints(out_dir):
     return [os.path.join(out_dir, n) for n in names]
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint folder in out_dir, or None."""
-    return next(iter(complete_checkpoints(out_dir)), None)
-
-
 def load_checkpoint_weights(path, model):
     """Copy a checkpoint's weights (full model or adapter) into `model`, in place. A model sharded by FSDP
     gets them from rank 0, which alone reads the files."""
