@@ -5,6 +5,7 @@ The same script runs three ways:
     python sft.py                                        # one process, no process group (world 1)
     torchrun --standalone --nproc_per_node=2 sft.py      # CPU processes over gloo
     torchrun --standalone --nproc_per_node=8 sft.py      # GPUs over nccl, one per process
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT sft.py  # per node
 
 Every rank runs the same code path. Data is sharded by rank, gradients of the trainable parameters
 are averaged with all_reduce (flattened into buckets, not one call per tensor), metrics are averaged
@@ -16,6 +17,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 
 import numpy as np
@@ -35,8 +38,10 @@ def init():
         return 0, 1, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
+        # the GPU comes from the rank on this node (RANK is global across nodes); modulo the GPUs this process
+        # sees, since a launcher may show each process one GPU (SLURM --gpus-per-task=1: always cuda:0)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
     else:
@@ -66,6 +71,27 @@ def cleanup():
         time.sleep(0.2)
 
 
+# -----------------------------------------------------------------------------
+# Preemption: SLURM (and torchrun, which forwards it to every worker) sends SIGTERM before killing a job
+
+_sigterm = {"received": False}
+
+
+def stop_on_sigterm():
+    """From now on SIGTERM only raises a flag: the loop finishes its step, agrees with the other ranks on
+    stopping (any_rank(sigterm_received()), since each rank sees the signal at its own moment), saves a
+    checkpoint and exits. A second SIGTERM changes nothing; a SIGKILL mid-save leaves the previous
+    checkpoint intact (checkpoints are written under a temporary name, then renamed)."""
+    def handler(signum, frame):  # no print here: a print interrupted by the signal would be re-entered
+        _sigterm["received"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_received():
+    return _sigterm["received"]
+
+
 def print0(*args, **kwargs):
     if rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -87,7 +113,7 @@ def all_reduce_gradients(params):
     that a LoRA model with hundreds of adapter tensors costs a handful of collectives."""
     if not is_distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not is_dtensor(p.grad)]  # FSDP averaged those
     world = world_size()
     i = 0
     while i < len(grads):
@@ -106,24 +132,77 @@ def all_reduce_gradients(params):
 
 
 def broadcast_parameters(module):
-    """Copy rank 0's parameters to every rank, so that all ranks start identical."""
+    """Copy rank 0's trainable parameters to every rank, so that all ranks start identical. Frozen ones
+    (a LoRA base: 16 GB at 8B) are not sent: every rank loaded them from the same files."""
     if not is_distributed():
         return
     for p in module.parameters():
-        dist.broadcast(p.data, src=0)
+        if p.requires_grad and not is_dtensor(p):  # FSDP shards were cut from the same full weights
+            dist.broadcast(p.data, src=0)
 
 
 def assert_parameters_identical(module):
-    """Check that every rank holds the same parameters (a cheap checksum, gathered): a broken gradient
-    average shows up here, not as a silently diverged run."""
-    if not is_distributed():
+    """Check that every rank holds the same trainable parameters (a cheap checksum, gathered): a broken
+    gradient average shows up here, not as a silently diverged run. Sums accumulate in fp64 without an
+    fp64 copy of each tensor."""
+    if not is_distributed() or any(is_dtensor(p) for p in module.parameters()):  # sharded: one copy, nothing to compare
         return
     with torch.no_grad():
-        checksum = sum(float(p.double().sum()) + float(p.double().abs().sum()) for p in module.parameters())
+        checksum = sum(float(p.sum(dtype=torch.float64)) + float(p.abs().sum(dtype=torch.float64))
+                       for p in module.parameters() if p.requires_grad)
     sums = gather_objects(checksum)
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"parameters differ across ranks (checksums {sums})")
     print0(f"parameters identical on all {len(sums)} ranks")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 for full fine-tuning that does not fit one GPU: torch's own sharding, not ours. Parameters,
+# gradients and AdamW state are split over the ranks (DTensors); each block's full weights are gathered just
+# before it runs and freed after, and its gradients are averaged over the ranks by a reduce-scatter in the
+# backward pass (so all_reduce_gradients, broadcast_parameters and assert_parameters_identical skip them).
+
+
+def shard_model(model, device):
+    """fully_shard each block, then the root (embedding, final norm, LM head). On GPUs the gathered weights
+    are bf16 and gradients are reduced in fp32, as autocast would compute them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy()
+    if torch.device(device).type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    # the root too is sharded again after each forward (FSDP's default keeps it gathered for the backward): so
+    # that the weights are always slices between steps (GRPO mixes the policy into the reference slice by slice)
+    # and the gathered embedding and head do not sit in memory during rollouts
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    return model
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Hold a sharded model's full weights for a stretch of no-grad forward passes that ranks run a different
+    number of times (the sampler skips a step with nothing to commit; evaluation splits examples unevenly): with
+    the weights gathered once, those passes need no collective. A no-op for a model that is not sharded."""
+    modules = fsdp_modules(model) if "torch.distributed.fsdp" in sys.modules else []
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def is_dtensor(t):
+    return type(t).__name__ == "DTensor"  # without importing torch.distributed.tensor (seconds) when unused
 
 
 def collective_device():
@@ -179,6 +258,13 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed, rank):
+    """The global RNGs' seed of a rank, for randomness that must differ across ranks (LoRA dropout in SFT):
+    rank 0 keeps the run's seed, so a one-process run is unchanged. Whatever must agree across ranks (init,
+    masks, rollout noise) is drawn from explicit generators, never from these RNGs."""
+    return seed if rank == 0 else derive_seed(seed, rank)
 
 
 def rng_state():

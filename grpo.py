@@ -40,6 +40,7 @@ as prompt tokens (masking them like actions, as d1 masks a whole completion, mad
         --block-length 32 --diffusion-steps 128 --temperature 0.9 --num-iterations 12 --beta 0.04 --epsilon 0.5 \\
         --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 --sync-ref-every 64 --grad-checkpointing \\
         --max-steps 5000 --out-dir out/grpo-gsm8k      # the README has every task's recipe (mu 8 for countdown, sudoku)
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT grpo.py ...  # each node
 """
 
 import argparse
@@ -113,12 +114,15 @@ parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weigh
 parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
 parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over the ranks with FSDP2 "
+                    "(torch's fully_shard per block), the reference copy too; needs torchrun")
 # Evaluation, logging, checkpoints
 parser.add_argument("--log-every", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
 parser.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps; 0 = end only")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/grpo", help="final model, checkpoints and metrics.jsonl")
 parser.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints kept (the newest)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
 parser.add_argument("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
 args = parser.parse_args()
@@ -162,8 +166,17 @@ if not os.path.isdir(args.model):
                      "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
 tokenizer = M.load_tokenizer(args.model)
 lora = M.is_adapter(args.model) or args.lora_r > 0
+if args.fsdp and (lora or world_size == 1):
+    raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r and "
+                     "start from a full checkpoint (LoRA's states are small; DDP replicates them), launch with torchrun")
+if device.type == "cuda" and not lora:  # refuse before loading what cannot fit
+    M.check_full_finetuning_fits(M.config_parameters(M.read_config(args.model)),
+                                 torch.cuda.get_device_properties(device).total_memory, world_size, args.fsdp,
+                                 reference=args.beta > 0)
 # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
-model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
+# (under FSDP the weights stay on the CPU until fully_shard moves each block's slice to the GPU)
+model = M.load_model(args.model, "cpu" if args.fsdp else device,
+                     torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
 if M.is_adapter(args.model):
     base_model = M.adapter_base(args.model)  # continue training the given adapter
 elif args.lora_r > 0:
@@ -174,13 +187,18 @@ else:
 if lora:  # only the adapters train
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-model.to(device)
+if not args.fsdp:
+    model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
 # the reference policy: LoRA -> the base (adapters off), plus a dense delta per adapted layer once synced;
 # full fine-tuning -> a frozen copy of the starting model
 ref_model = None
 if args.beta > 0 and not lora:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+if args.fsdp:  # the reference sharded the same way, so that mixing it with the policy is slice by slice
+    ddp.shard_model(model, device)
+    if ref_model is not None:
+        ddp.shard_model(ref_model, device)
 mask_id = M.mask_token_id(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ddp.print0(f"model: {args.model} ({M.num_parameters(model) / 1e6:.2f}M parameters, "
@@ -204,32 +222,32 @@ ddp.print0(f"data: {len(prompts)} prompts from {args.task}/{split}, {len(eval_ex
 # Optimiser and resume
 
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
-start_step = 0
-checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
-if args.resume and checkpoint is None:
-    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
-if checkpoint:
-    state = M.load_trainer_state(checkpoint)
-    M.load_checkpoint_weights(checkpoint, model)
-    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
-    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
-    M.set_reference_deltas(model, state["trainer_state"].get("ref_deltas") or {})
-    if state["trainer_state"].get("ref_model") is not None:
-        ref_model.load_state_dict(state["trainer_state"]["ref_model"])
-    start_step = state["step"]
-    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+start_step, resumed = 0, None
+if args.resume:
+    start_step, resumed = M.resume(args.out_dir, vars(args), model, optimizer, rank, world_size, ddp.print0)
+if resumed:
+    ddp.set_rng_state(resumed["rng"])
+    M.set_reference_deltas(model, resumed.get("ref_deltas") or {})
+    if resumed.get("ref_model") is not None:
+        M.load_full_state_dict(ref_model, lambda: resumed["ref_model"])
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-if checkpoint:
+if resumed:
     ddp.truncate_jsonl(metrics_path, start_step)  # steps a killed run logged past its checkpoint rerun now
+ddp.stop_on_sigterm()
 
 
 def save(step):
     rng = ddp.gather_objects(ddp.rng_state())
+    # under FSDP, weights, optimizer state and reference are gathered onto rank 0 (collectives: every rank calls)
+    weights = M.full_state_dict(model) if args.fsdp else None
+    optimizer_state = M.full_optimizer_state(model, optimizer)
+    ref_state = M.full_state_dict(ref_model) if ref_model is not None and args.sync_ref_every else None
     if rank == 0:
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng, "ref_deltas": M.reference_deltas(model),
-                         "ref_model": ref_model.state_dict() if ref_model is not None and args.sync_ref_every else None}
-        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args))
+        trainer_state = {"optimizer": optimizer_state, "rng": rng, "ref_deltas": M.reference_deltas(model),
+                          "ref_model": ref_state}
+        path = M.save_checkpoint(args.out_dir, step, model, tokenizer, base_model, trainer_state, vars(args),
+                                 args.keep_checkpoints, weights)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
@@ -319,8 +337,9 @@ def sync_reference():
 
 def held_out_accuracy():
     """Greedy accuracy on the held-out prompts (evaluate.py's function, sharded over the ranks)."""
-    return evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
-                             **defaults)["accuracy"]
+    with ddp.unsharded(model):  # FSDP: ranks run different numbers of forward passes here
+        return evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                                 **defaults)["accuracy"]
 
 
 if start_step == 0 and eval_examples:  # the starting point of the accuracy curve
@@ -329,6 +348,7 @@ if start_step == 0 and eval_examples:  # the starting point of the accuracy curv
     ddp.print0(f"step 00000/{args.max_steps} | held-out {100 * accuracy:.1f}% (the starting checkpoint)")
 bar = tqdm(total=args.max_steps, initial=start_step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
 optimizer_step = start_step * args.num_iterations
+preempted = False
 for step in range(start_step, args.max_steps):
     last_step = step == args.max_steps - 1
     t0 = time.time()
@@ -336,7 +356,8 @@ for step in range(start_step, args.max_steps):
     # 1. rollouts
     # this rank's prompts: its share of the step's global batch, whole groups per rank
     prompt_indices = ddp.shard(ddp.step_indices(step, args.prompts_per_step, len(prompts), args.seed), rank, world_size)
-    sequences, prompt_mask, canvas, completion_mask, texts = rollout(step, prompt_indices)
+    with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so counts differ by rank
+        sequences, prompt_mask, canvas, completion_mask, texts = rollout(step, prompt_indices)
     N, prompt_length = sequences.shape[0], sequences.shape[1] - gen_length
     attention_mask = None if prompt_mask is None else torch.cat(
         [prompt_mask, torch.ones(N, gen_length, dtype=prompt_mask.dtype, device=device)], dim=1)
@@ -430,19 +451,28 @@ for step in range(start_step, args.max_steps):
                   f"kl {record['kl']:.4f} | clip {record['clip_ratio']:.3f} | lr {lr:.2e} | "
                   f"rollout {t_rollout:.1f}s update {t_update:.1f}s | tok/s {record['tok_per_s']:.0f}"
                   + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))
-    if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last_step:
+    # SIGTERM (a preemption) on any rank: every rank stops after this same step, with a checkpoint
+    preempted = not last_step and ddp.any_rank(ddp.sigterm_received())
+    if (preempted or args.save_every > 0 and (step + 1) % args.save_every == 0) and not last_step:
         save(step + 1)
+    if preempted:
+        break
 bar.close()
+if preempted:
+    ddp.print0(f"SIGTERM: stopped after step {step + 1} and saved its checkpoint; the same command with --resume continues")
+    ddp.cleanup()
+    raise SystemExit(0)
 ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------
 # Final model (LLaDA's layout, or the adapter folder) and a last resumable checkpoint
 
 save(args.max_steps)
+weights = M.full_state_dict(model) if args.fsdp else None
 if rank == 0:
     if lora:
         M.save_adapter(model, args.out_dir, base_model, extra_files={"training_args.json": vars(args)})
     else:
-        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)}, state=weights)
     print(f"done: model in {args.out_dir}", flush=True)
 ddp.cleanup()

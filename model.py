@@ -24,9 +24,11 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -272,7 +274,9 @@ class LLaDA(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
-        logits = self.ff_out(self.ln_f(x[:, positions]))[..., : self.cfg.vocab_size]
+        logits = self.ff_out(self.ln_f(x[:, positions]))
+        # a padded embedding (rows past the vocabulary) is cut; otherwise no slice, so no strided view to copy
+        logits = logits[..., : self.cfg.vocab_size] if self.cfg.embedding_size > self.cfg.vocab_size else logits
         return (logits, kv) if return_kv else logits
 
 
@@ -441,6 +445,43 @@ def checkpoint_shards(path):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}")
 
 
+def read_config(path):
+    """The ModelConfig of a checkpoint folder's config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        return ModelConfig.from_llada(json.load(f))
+
+
+def config_parameters(cfg):
+    """How many parameters a model of this config has (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        return num_parameters(LLaDA(cfg))
+
+
+# Full fine-tuning keeps, per trained parameter, an fp32 weight, an fp32 gradient and AdamW's two fp32
+# moments; GRPO with beta > 0 adds a frozen fp32 reference copy. Activations come on top.
+BYTES_PER_TRAINED_PARAMETER = 16
+BYTES_PER_REFERENCE_PARAMETER = 4
+
+
+def full_finetuning_bytes(num_params, world_size=1, fsdp=False, reference=False):
+    """Bytes per GPU of the weights, gradients, AdamW state (and reference) of full fine-tuning: all of them
+    on every rank under DDP, a 1 / world_size shard of each under FSDP."""
+    per_parameter = BYTES_PER_TRAINED_PARAMETER + (BYTES_PER_REFERENCE_PARAMETER if reference else 0)
+    return num_params * per_parameter // (world_size if fsdp else 1)
+
+
+def check_full_finetuning_fits(num_params, gpu_bytes, world_size=1, fsdp=False, reference=False):
+    """Refuse, before loading anything, a full fine-tuning whose states alone exceed the GPU's memory (an 8B
+    model needs ~128 GB per GPU under DDP: forgetting --lora-r should not end in an out-of-memory error)."""
+    need = full_finetuning_bytes(num_params, world_size, fsdp, reference)
+    if need > gpu_bytes:
+        raise SystemExit(
+            f"full fine-tuning of {num_params / 1e9:.2f}B parameters needs {need / 2**30:.0f} GiB per GPU for fp32 "
+            f"weights, gradients and AdamW state{' and the reference copy' if reference else ''}, more than this "
+            f"GPU's {gpu_bytes / 2**30:.0f} GiB: pass --lora-r R to train LoRA adapters on a frozen bf16 base, or "
+            "--fsdp to shard full fine-tuning over the GPUs")
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """Load a folder in LLaDA's layout (or a PEFT adapter folder on top of its base) into our model.
 
@@ -454,8 +495,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: pass a checkpoint folder "
                                 f"(LLaDA's layout) or a preset name ({', '.join(PRESETS)})")
-    with open(config_path) as f:
-        cfg = ModelConfig.from_llada(json.load(f))
+    cfg = read_config(path)
     shards = checkpoint_shards(path)
     with torch.device("meta"):
         model = LLaDA(cfg)
@@ -490,7 +530,7 @@ def merged_state(model):
                 continue
             t = p.detach()
             if isinstance(module, LoRALinear) and pname == "weight" and module.lora_enabled:
-                t = t + module.delta_weight().to(t.dtype)
+                t = (t.float() + module.delta_weight()).to(t.dtype)  # added in fp32, rounded once to the base's dtype
             state[f"{name}.{pname}" if name else pname] = t
     return state
 
@@ -510,11 +550,12 @@ def files_into(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=None):
+def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=None, state=None):
     """Write a full checkpoint in LLaDA's published layout (LoRA merged in): config.json, safetensors
     shards under LLaDA's tensor names (+ index when sharded), tokenizer files. `extra_files` maps
-    file names to JSON-able objects written alongside (arguments, step...)."""
-    state = {to_llada_name(k): v.contiguous() for k, v in merged_state(model).items()}
+    file names to JSON-able objects written alongside (arguments, step...). `state`, when given, holds the
+    weights under our names (full_state_dict of a model sharded by FSDP) instead of the model's own."""
+    state = {to_llada_name(k): v.contiguous() for k, v in (merged_state(model) if state is None else state).items()}
     with files_into(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.cfg.to_llada(), f, indent=2)
@@ -578,7 +619,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.lora_enabled:
-            h = self.lora_dropout(x).to(self.lora_A.dtype)
+            h = self.lora_dropout(x)
+            if not torch.is_autocast_enabled(x.device.type):  # under autocast the bf16 input stays bf16: no fp32 copy
+                h = h.to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
         elif self.reference_delta is not None:  # the synced reference policy: W0 + its dense delta
             y = y + F.linear(x, self.reference_delta)
@@ -745,22 +788,30 @@ def forward_mask(input_ids, prompt_lengths, mask_id, eps=1e-3, generator=None, n
     return noisy, masked, p
 
 
-def sft_loss(logits, input_ids, masked, p, prompt_lengths):
+def sft_loss(logits, input_ids, masked, p, prompt_lengths, start=0):
     """LLaDA's SFT loss (its appendix, eq. for SFT): the cross-entropy of every masked response token,
     weighted 1/p, summed and divided by the number of response tokens (d1's normalisation).
-    logits (B, L, V), input_ids/masked (B, L), p (B, 1), prompt_lengths (B,)."""
+    logits (B, L - start, V) are those of positions start.. (the model's `positions=slice(start, None)`;
+    start <= the shortest prompt, so every response position is there), input_ids/masked (B, L), p (B, 1),
+    prompt_lengths (B,)."""
     L = input_ids.shape[1]
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (num_masked,)
+    masked, targets = masked[:, start:], input_ids[:, start:]
+    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")  # (num_masked,)
     num_response = (L - prompt_lengths).sum().clamp(min=1)
     return (ce / p.expand_as(masked)[masked]).sum() / num_response
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**28  # ~1 GiB of fp32 logits at a time in token_logprobs
+
+
 def token_logprobs(logits, targets):
     """log p(target) at every position: -CE(logits_i, target_i). logits (B, L, V), targets (B, L) -> (B, L).
-    Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy."""
-    rows = max(1, 2**28 // max(1, logits.shape[1] * logits.shape[2]))  # ~1 GiB of fp32 logits at a time
-    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().transpose(1, 2), targets[i:i + rows],
-                                       reduction="none") for i in range(0, logits.shape[0], rows)])
+    Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy; each chunk is flattened to
+    (rows * L, V), which needs no copy (cross_entropy over a transposed (B, V, L) view made one)."""
+    B, L, V = logits.shape
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, L * V))
+    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().flatten(0, 1), targets[i:i + rows].flatten(),
+                                       reduction="none").view(-1, L) for i in range(0, B, rows)])
 
 
 # -----------------------------------------------------------------------------
@@ -772,13 +823,15 @@ def token_logprobs(logits, targets):
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args):
+def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep=1, state=None):
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints. `state`: the
+    gathered weights of a model sharded by FSDP (full_state_dict), written in place of the model's own."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
     if lora_modules(model):
         save_adapter(model, os.path.join(tmp, "adapter"), base_model)
     else:
-        save_model(model, tokenizer, os.path.join(tmp, "model"))
+        save_model(model, tokenizer, os.path.join(tmp, "model"), state=state)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "args": args}, f, indent=2)
@@ -786,26 +839,30 @@ def save_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, 
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    # the new checkpoint is in place: older ones and leftovers of killed saves can go
-    for name in os.listdir(out_dir):
-        if name.startswith(CHECKPOINT_PREFIX) and name != os.path.basename(final) or name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    # the new checkpoint is in place: the oldest beyond `keep` and leftovers of killed saves can go
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX))
+    old = [n for n in names if n != os.path.basename(final)][: max(0, len(names) - max(keep, 1))]
+    for name in old + [n for n in os.listdir(out_dir) if n.startswith(".tmp-")]:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     return final
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint folder in out_dir, or None."""
+def complete_checkpoints(out_dir):
+    """The checkpoint folders of out_dir that hold a state.json (written last), newest first."""
     if not os.path.isdir(out_dir):
-        return None
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX)
-                   and os.path.exists(os.path.join(out_dir, n, "state.json")))
-    return os.path.join(out_dir, names[-1]) if names else None
+        return []
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith(CHECKPOINT_PREFIX)
+                    and os.path.exists(os.path.join(out_dir, n, "state.json"))), reverse=True)
+    return [os.path.join(out_dir, n) for n in names]
 
 
 def load_checkpoint_weights(path, model):
-    """Copy a checkpoint's weights (full model or adapter) into `model`, in place."""
+    """Copy a checkpoint's weights (full model or adapter) into `model`, in place. A model sharded by FSDP
+    gets them from rank 0, which alone reads the files."""
     if os.path.isdir(os.path.join(path, "adapter")):
         return load_adapter(model, os.path.join(path, "adapter"))
+    if is_sharded(model):
+        return load_full_state_dict(model, lambda: dict(load_model(os.path.join(path, "model")).named_parameters()))
     saved = load_model(os.path.join(path, "model"))
     with torch.no_grad():
         for (name, p), (name2, q) in zip(model.named_parameters(), saved.named_parameters()):
@@ -818,9 +875,135 @@ def load_trainer_state(path):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
+    # rank 0 wrote it; every rank reads it, memory-mapped: under FSDP it holds the full optimizer state, which
+    # only rank 0 reads in full (load_full_optimizer_state)
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
-                                        map_location="cpu")  # rank 0 wrote it; every rank reads it
+                                        map_location="cpu", mmap=True)
     return state
+
+
+# Full fine-tuning sharded with FSDP2 (ddp.shard_model): its parameters are DTensors, each rank holding a
+# 1 / world_size slice. Checkpoints hold the gathered full tensors, in the same files as an unsharded run:
+# the weights stay in LLaDA's layout (evaluate.py and LLaDA's code read them as they are), at the cost of
+# rank 0 holding one full copy in host memory while it writes (torch.distributed.checkpoint would write
+# per-rank shards instead, in a layout nothing else here reads).
+# (torch.distributed.checkpoint is imported only when a model is sharded: it adds seconds to every start)
+
+
+def is_sharded(model):
+    """Whether FSDP2's fully_shard was applied to the model."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def state_dict_options(load):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    if load:  # rank 0's full tensors, each rank keeping its slice
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, one at a time
+
+
+def full_state_dict(model):
+    """The model's state dict with full tensors: gathered onto rank 0 for a sharded model (a collective: every
+    rank calls it; the others get {})."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=state_dict_options(load=False))
+
+
+def full_optimizer_state(model, optimizer):
+    """The optimizer's state dict, gathered onto rank 0 (tensors keyed by parameter name) when sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=state_dict_options(load=False))
+
+
+def load_full_state_dict(model, read):
+    """Load full weights into a model: `read()` returns them. A sharded model: rank 0 alone reads and every
+    rank keeps its slice of rank 0's tensors; a read that fails on rank 0 raises on every rank (so that all
+    ranks fall back to the same checkpoint)."""
+    if not is_sharded(model):
+        model.load_state_dict(read())
+        return model
+    state, error = {}, [None]
+    if dist.get_rank() == 0:
+        try:
+            state = read()
+        except Exception as e:  # told to every rank below, then raised everywhere
+            error = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise OSError(f"rank 0 could not read the weights ({error[0]})")
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=state_dict_options(load=True))
+    return model
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    """Inverse of full_optimizer_state (rank 0's copy is the one broadcast when sharded)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state if dist.get_rank() == 0 else {}, options=state_dict_options(load=True))
+
+
+# Settings a resume may change: they extend the run or say where and how often to write, never what a step
+# computes. (--max-steps moves the end, so a cosine or linear schedule spans the new length; gradient
+# checkpointing only trades memory for time.) Any other changed flag is refused.
+RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "save_every", "eval_every", "eval_examples", "keep_checkpoints",
+                     "resume", "out_dir", "data_dir", "grad_checkpointing", "log_every")
+
+
+def changed_settings(saved_args, args):
+    """The flags whose value differs from the checkpoint's, as '--name saved -> now' strings. Flags the
+    checkpoint does not know (added to the script since) are not compared."""
+    return [f"--{k.replace('_', '-')} {saved_args[k]!r} -> {v!r}" for k, v in sorted(args.items())
+            if k in saved_args and k not in RESUME_MAY_CHANGE and saved_args[k] != v]
+
+
+def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
+    """Continue a run from the newest readable checkpoint of out_dir, for sft.py and grpo.py alike: refuse
+    one whose settings differ from `args` (a dict), load weights, optimizer state and this rank's RNG state,
+    and fall back to the previous checkpoint, saying so, when one cannot be read (a damaged file).
+    Returns (step, trainer_state), or (0, None) when out_dir holds no checkpoint."""
+    candidates = complete_checkpoints(out_dir)
+    if not candidates:
+        log(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+        return 0, None
+    for path in candidates:
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                saved_args = json.load(f)["args"]
+        except (OSError, ValueError, KeyError) as error:
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            continue
+        changed = changed_settings(saved_args, args)
+        if changed:  # a user error, not a damaged file: no fallback
+            raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}. Run the "
+                             f"command it was started with (these may change: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}), or choose a "
+                             "new --out-dir")
+        try:
+            state = load_trainer_state(path)
+            load_checkpoint_weights(path, model)
+            load_full_optimizer_state(model, optimizer, state["trainer_state"]["optimizer"])
+        except Exception as error:  # a truncated or corrupt file: safetensors, pickle and zip raise their own
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            continue
+        rng = state["trainer_state"]["rng"]  # one state per rank
+        if len(rng) != world_size:  # the data split, rollout noise and RNG streams depend on the world size
+            raise SystemExit(f"--resume: {path} was written by a run of {len(rng)} ranks, this one has {world_size}: "
+                             "resume it with as many")
+        state["trainer_state"]["rng"] = rng[rank]
+        log(f"resumed from {path} at step {state['step']}")
+        return state["step"], state["trainer_state"]
+    raise SystemExit(f"--resume: none of the {len(candidates)} checkpoints in {out_dir} can be read (see above); "
+                     "remove them to start over")
 
 
 def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):
@@ -854,6 +1037,22 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high,
     return (loss_tok * mask).sum() / denominator, kl.detach(), clip_fraction.detach()
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path):
+    """The dtype a checkpoint folder stores its weights in (read from its first tensor's header entry)."""
+    with safe_open(checkpoint_shards(path)[0], framework="pt", device="cpu") as f:
+        return SAFETENSORS_DTYPES[f.get_slice(next(iter(f.keys()))).get_dtype()]
+
+
+def merge_adapter(adapter, out):
+    """Fold a LoRA adapter into its base and write a full checkpoint in the base's dtype: the base is loaded
+    in that dtype (16 GB at 8B in bf16, not 32 GB of fp32) and each delta is added in fp32 (merged_state)."""
+    base = adapter_base(adapter)
+    save_model(load_model(adapter, dtype=checkpoint_dtype(base)), load_tokenizer(adapter), out)
+
+
 # -----------------------------------------------------------------------------
 # python model.py merge ADAPTER_DIR OUT_DIR: fold a LoRA adapter into its base and write a full checkpoint
 # in LLaDA's layout (what d1 does between SFT and diffu-GRPO)
@@ -868,5 +1067,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not is_adapter(args.adapter):
         raise SystemExit(f"{args.adapter} has no {ADAPTER_CONFIG_NAME}: not a LoRA adapter folder")
-    save_model(load_model(args.adapter), load_tokenizer(args.adapter), args.out)
+    merge_adapter(args.adapter, args.out)
     print(f"merged {args.adapter} into {adapter_base(args.adapter)} -> {args.out}")

@@ -24,6 +24,7 @@ any world size, and exact resume from the newest checkpoint.
         --batch-size 8 --micro-batch-size 1 --lr 1e-5 --lr-schedule linear --warmup-steps 0 --adam-beta2 0.999 \\
         --max-seq-length 4096 --pad-to max-length --overlong truncate --grad-checkpointing --max-steps 2500 \\
         --out-dir out/sft-s1k        # d1's recipe: 20 epochs of s1K at batch 8 (see the README)
+    torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT sft.py ...  # each node
 """
 
 import argparse
@@ -75,12 +76,15 @@ parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 
 parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
 parser.add_argument("--mask-eps", type=float, default=1e-3, help="the smallest masking rate p (LLaDA's eps)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over the ranks with FSDP2 "
+                    "(torch's fully_shard per block): weights, gradients and AdamW state split; needs torchrun")
 # Evaluation, logging, checkpoints
 parser.add_argument("--log-every", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
 parser.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps; 0 = only at the end")
 parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
 parser.add_argument("--out-dir", default="out/sft", help="final model, checkpoints and metrics.jsonl")
 parser.add_argument("--save-every", type=int, default=100, help="resumable checkpoint every N steps; 0 = off")
+parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints kept (the newest)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
 parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and masks")
 args = parser.parse_args()
@@ -89,7 +93,7 @@ args = parser.parse_args()
 # Distributed init and the batch arithmetic
 
 rank, world_size, device = ddp.init()
-ddp.seed_everything(args.seed)
+ddp.seed_everything(ddp.rank_seed(args.seed, rank))  # per rank: LoRA dropout masks must differ across ranks
 micro = args.micro_batch_size or args.batch_size // world_size
 if micro == 0 or args.batch_size % (micro * world_size) != 0:
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch-size x world size "
@@ -104,21 +108,33 @@ ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per m
 # -----------------------------------------------------------------------------
 # Model and tokenizer
 
+if args.fsdp and (args.lora_r > 0 or world_size == 1):
+    raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r "
+                     "(LoRA's states are small; DDP replicates them) and launch with torchrun")
+if device.type == "cuda" and args.lora_r == 0:  # refuse before loading what cannot fit
+    M.check_full_finetuning_fits(M.config_parameters(M.PRESETS[args.model] if args.model in M.PRESETS
+                                                     else M.read_config(args.model)),
+                                 torch.cuda.get_device_properties(device).total_memory, world_size, args.fsdp)
 if args.model in M.PRESETS:
     tokenizer = M.build_tiny_tokenizer()
     model = M.build_model(args.model, tokenizer, seed=args.seed)
 elif os.path.isdir(args.model):
     tokenizer = M.load_tokenizer(args.model)
     # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
-    model = M.load_model(args.model, device, torch.bfloat16 if device.type == "cuda" and args.lora_r > 0 else torch.float32)
+    # under FSDP the weights stay on the CPU until fully_shard moves each block's slice to the GPU
+    model = M.load_model(args.model, "cpu" if args.fsdp else device,
+                         torch.bfloat16 if device.type == "cuda" and args.lora_r > 0 else torch.float32)
 else:
     raise SystemExit(f"--model {args.model!r} is neither a checkpoint folder nor a preset ({', '.join(M.PRESETS)})")
 if args.lora_r > 0:
     if args.model in M.PRESETS:
         raise SystemExit("--lora-r needs a pretrained base: pass --model CHECKPOINT_DIR (a preset starts from random weights)")
     M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")), args.seed)
-model.to(device)
 model.gradient_checkpointing = args.grad_checkpointing
+if args.fsdp:
+    ddp.shard_model(model, device)  # block by block: the GPU never holds the full fp32 model
+else:
+    model.to(device)
 mask_id = M.mask_token_id(tokenizer)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ddp.print0(f"model: {M.num_parameters(model) / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
@@ -178,37 +194,36 @@ eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
 # Optimiser and resume
 
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay)
-start_step = 0
-checkpoint = M.latest_checkpoint(args.out_dir) if args.resume else None
-if args.resume and checkpoint is None:
-    ddp.print0(f"--resume: no checkpoint in {args.out_dir}, starting from step 0")
-if checkpoint:
-    state = M.load_trainer_state(checkpoint)
-    M.load_checkpoint_weights(checkpoint, model)
-    optimizer.load_state_dict(state["trainer_state"]["optimizer"])
-    ddp.set_rng_state(state["trainer_state"]["rng"][rank])
-    start_step = state["step"]
-    ddp.print0(f"resumed from {checkpoint} at step {start_step}")
+start_step, resumed = 0, None
+if args.resume:
+    start_step, resumed = M.resume(args.out_dir, vars(args), model, optimizer, rank, world_size, ddp.print0)
+if resumed:
+    ddp.set_rng_state(resumed["rng"])
 ddp.broadcast_parameters(model)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-if checkpoint:
+if resumed:
     ddp.truncate_jsonl(metrics_path, start_step)  # steps a killed run logged past its checkpoint rerun now
+ddp.stop_on_sigterm()
 
 
 def save(step):
     # every rank's RNG state is gathered so that each continues its own stream (LoRA dropout)
     rng = ddp.gather_objects(ddp.rng_state())
+    # under FSDP, weights and optimizer state are gathered onto rank 0 (collectives: every rank calls them)
+    weights = M.full_state_dict(model) if args.fsdp else None
+    optimizer_state = M.full_optimizer_state(model, optimizer)
     if rank == 0:
         path = M.save_checkpoint(args.out_dir, step, model, tokenizer, args.model,
-                                 {"optimizer": optimizer.state_dict(), "rng": rng}, vars(args))
+                                 {"optimizer": optimizer_state, "rng": rng}, vars(args), args.keep_checkpoints, weights)
         print(f"saved {path}", flush=True)
     ddp.barrier()
 
 
 def held_out_accuracy():
     model.eval()
-    result = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
-                               **eval_settings)
+    with ddp.unsharded(model):  # FSDP: ranks run different numbers of forward passes here
+        result = evaluate_examples(model, tokenizer, args.task, eval_examples, device=device, progress=False,
+                                   **eval_settings)
     model.train()
     return result["accuracy"]
 
@@ -223,7 +238,7 @@ bar = tqdm(total=args.max_seconds if timed else args.max_steps, initial=0 if tim
            unit="s" if timed else "step", desc="sft", disable=rank != 0, dynamic_ncols=True,
            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]" if timed else None)
 t_start = time.time()
-final_step = args.max_steps
+final_step, preempted = args.max_steps, False
 for step in range(start_step, args.max_steps):
     t0 = time.time()
     # under --max-seconds the schedule runs over the time budget when that ends first (run_tiny.sh's baseline
@@ -249,9 +264,11 @@ for step in range(start_step, args.max_steps):
         input_ids, prompt_lengths = collate(batch[rows])
         noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, mask_id, args.mask_eps,
                                           noise=(t_noise[rows], u_noise[rows]))
+        # the LM head on response positions only: from the shortest prompt of the micro-batch to the end
+        start = int(prompt_lengths.min())
         with ddp.autocast(device):
-            logits = model(noisy)  # (B, L, V)
-        loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths)
+            logits = model(noisy, positions=slice(start, None))  # (B, L - start, V)
+        loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths, start)
         (loss / accumulation).backward()
         loss_sum += loss.item()
         tokens += input_ids.numel()
@@ -280,20 +297,29 @@ for step in range(start_step, args.max_steps):
     if last_step:
         final_step = step + 1
         break
-    if args.save_every > 0 and (step + 1) % args.save_every == 0:
+    # SIGTERM (a preemption) on any rank: every rank stops after this same step, with a checkpoint
+    preempted = ddp.any_rank(ddp.sigterm_received())
+    if preempted or (args.save_every > 0 and (step + 1) % args.save_every == 0):
         save(step + 1)
+    if preempted:
+        break
 bar.close()
+if preempted:
+    ddp.print0(f"SIGTERM: stopped after step {step + 1} and saved its checkpoint; the same command with --resume continues")
+    ddp.cleanup()
+    raise SystemExit(0)
 ddp.assert_parameters_identical(model)
 
 # -----------------------------------------------------------------------------
 # Final model: LLaDA's layout (or the adapter folder), plus a last resumable checkpoint
 
 save(final_step)
+weights = M.full_state_dict(model) if args.fsdp else None
 if rank == 0:
     if args.lora_r > 0:
         M.save_adapter(model, args.out_dir, args.model, extra_files={"training_args.json": vars(args)})
     else:
-        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)})
+        M.save_model(model, tokenizer, args.out_dir, extra_files={"training_args.json": vars(args)}, state=weights)
     steps_done = final_step - start_step
     elapsed = time.time() - t_start
     print(f"done: {steps_done} steps in {elapsed:.1f}s ({steps_done / max(elapsed, 1e-9):.2f} steps/s); "

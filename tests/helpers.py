@@ -10,8 +10,13 @@ say (the tests pass folders under tmp_path).
 import dataclasses
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -63,6 +68,82 @@ def run_script(script, *args, nproc=1, expect_ok=True):
     if expect_ok:
         assert run.returncode == 0, run.describe()
     return run
+
+
+def logged_steps(out_dir):
+    """The steps of the complete lines of a (live) run's metrics.jsonl."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def run_with_sigterm(script, *args, out_dir, after_step, nproc=2):
+    """Launch `script` under torchrun and send SIGTERM to the launcher (which forwards it to every worker, as
+    SLURM's signal would) once step `after_step` is logged; wait for the launcher to exit. Returns the Run."""
+    cmd = command(script, args, nproc)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # no pipe to fill up
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=stdout, stderr=stderr, text=True)
+        try:
+            deadline = time.time() + RUN_TIMEOUT_S
+            while max(logged_steps(out_dir), default=0) < after_step:
+                assert proc.poll() is None, f"the run ended before step {after_step}"
+                assert time.time() < deadline, "no step logged in time"
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        return Run(cmd, proc.returncode, stdout.read(), stderr.read())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(script, *args):
+    """`script` as a 2-node job on this machine: two torchrun launchers of one process each, meeting by c10d
+    rendezvous on 127.0.0.1 (what the README's multi-node command does on two hosts). Returns both Runs."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
+    cmd = launcher + [script] + [str(a) for a in args]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    runs = [Run(cmd, p.returncode, *out) for p, out in zip(procs, outputs)]
+    for run in runs:
+        assert run.returncode == 0, run.describe()
+    return runs
+
+
+def assert_stopped_cleanly_by_sigterm(run, out, max_steps):
+    """What a preempted run must leave: every rank stopped after the same step (rank 0's message; its final
+    barrier would fail if another rank had died), a checkpoint of that step, metrics up to it, no final model,
+    no worker traceback (the launcher's own SignalException is torchrun's way of exiting) and no worker that
+    torchrun had to SIGKILL after its grace period. Returns the step."""
+    match = re.search(r"SIGTERM: stopped after step (\d+) and saved its checkpoint", run.stdout)
+    assert match, run.describe()
+    stopped = int(match.group(1))
+    assert 1 <= stopped < max_steps
+    assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{stopped:06d}"
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, stopped + 1))
+    assert not (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert run.output.count("Traceback") == run.output.count("SignalException: Process"), run.describe()
+    assert "forcefully exiting" not in run.output, run.describe()
+    return stopped
 
 
 def assert_clean_error(run, *fragments):

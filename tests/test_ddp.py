@@ -5,6 +5,8 @@ Guards ddp.py, the hand-written distributed layer.
   DIFFERENT batch; after all_reduce_gradients every rank holds the mean of both ranks' local gradients
   (in one bucket and in many), and after an optimiser step the parameters are identical on both ranks;
   broadcast_parameters, all_reduce_mean, all_reduce_sum, any_rank, gather_objects, shard and print0 behave;
+  broadcast_parameters and assert_parameters_identical touch the trainable parameters only (a frozen base is
+  loaded by every rank from the same files); the global RNGs seeded per rank give different dropout masks;
   and both processes exit cleanly after cleanup();
 - a single process without RANK: init returns (0, 1, device) and every helper is a no-op;
 - the pure helpers: derived seeds and generators, the learning-rate schedule, RNG state round trip.
@@ -75,6 +77,21 @@ out["any_none"] = ddp.any_rank(False)
 out["collective_device"] = str(ddp.collective_device())
 out["gathered"] = ddp.gather_objects({"r": rank})
 out["shard"] = ddp.shard(list(range(7)), rank, world)
+
+# only what trains is broadcast and checked: a frozen layer that differs across ranks stays as it is
+part = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+torch.nn.init.constant_(part[0].weight, float(rank))
+torch.nn.init.constant_(part[1].weight, float(rank))
+part[0].requires_grad_(False)
+ddp.broadcast_parameters(part)
+out["frozen_kept"] = float(part[0].weight[0, 0])
+out["trained_broadcast"] = float(part[1].weight[0, 0])
+ddp.assert_parameters_identical(part)  # raises if the trainable ones differed
+
+# the global RNGs seeded per rank: dropout masks differ across ranks
+ddp.seed_everything(ddp.rank_seed(0, rank))
+dropout_masks = ddp.gather_objects(torch.nn.functional.dropout(torch.ones(64), 0.5) > 0)
+out["dropout_differs"] = not torch.equal(dropout_masks[0], dropout_masks[1])
 ddp.print0(f"print0 from rank {rank}")
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
@@ -109,6 +126,8 @@ def test_two_process_gloo(tmp_path):
         assert out["any_rank1"] is True and out["any_none"] is False
         assert out["collective_device"] == "cpu"  # gloo reduces CPU tensors
         assert out["gathered"] == [{"r": 0}, {"r": 1}]
+        assert out["frozen_kept"] == rank and out["trained_broadcast"] == 0.0
+        assert out["dropout_differs"]
     assert outs[0]["checksums"] == outs[1]["checksums"]
     assert outs[0]["shard"] == [0, 2, 4, 6] and outs[1]["shard"] == [1, 3, 5]
     assert result.stdout.count("print0 from rank") == 1 and "print0 from rank 0" in result.stdout

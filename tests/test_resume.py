@@ -1,0 +1,101 @@
+"""
+Guards model.resume, the one resume routine of sft.py and grpo.py, in one process on a tiny model:
+
+- it loads the newest checkpoint's weights, optimizer and this rank's RNG state, and says so;
+- save_checkpoint keeps the newest --keep-checkpoints checkpoints;
+- a newest checkpoint whose weights file is damaged (truncated, as by a full disk) falls back to the
+  previous one, saying so; when none can be read it stops with a message, not a safetensors error;
+- a resume whose settings change the run is refused, naming each changed flag (what a tired user does:
+  `--resume --num-generations 4` on a run trained with 8); flags that only extend the run may change;
+- a resume with another world size is refused.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import ddp
+import model as M
+
+ARGS = {"num_generations": 8, "lr": 1e-3, "max_steps": 10, "save_every": 2, "resume": False, "out_dir": "x"}
+
+
+def tiny_run(make_model, tokenizer, out_dir, steps, keep=2, world_size=1):
+    """A model trained a few AdamW steps, checkpointed after each. Returns (model, optimizer)."""
+    model = make_model(seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    for step in range(1, steps + 1):
+        model(ids).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        M.save_checkpoint(str(out_dir), step, model, tokenizer, "tiny",
+                          {"optimizer": optimizer.state_dict(), "rng": [ddp.rng_state()] * world_size,
+                           "marker": step}, ARGS, keep)
+    return model, optimizer
+
+
+def fresh(make_model):
+    model = make_model(seed=2)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def test_resume_loads_the_newest_and_keeps_two(make_model, tokenizer, tmp_path):
+    trained, trained_optimizer = tiny_run(make_model, tokenizer, tmp_path, 3)
+    assert sorted(os.listdir(tmp_path)) == [f"{M.CHECKPOINT_PREFIX}{s:06d}" for s in (2, 3)]
+    model, optimizer = fresh(make_model)
+    said = []
+    step, state = M.resume(str(tmp_path), dict(ARGS, max_steps=20, resume=True), model, optimizer, 0, 1, said.append)
+    assert step == 3 and state["marker"] == 3 and isinstance(state["rng"], dict)
+    assert said == [f"resumed from {tmp_path / (M.CHECKPOINT_PREFIX + '000003')} at step 3"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained.parameters()))
+    assert str(optimizer.state_dict()) == str(trained_optimizer.state_dict())
+
+
+def test_keep_checkpoints_one(make_model, tokenizer, tmp_path):
+    tiny_run(make_model, tokenizer, tmp_path, 3, keep=1)
+    assert os.listdir(tmp_path) == [f"{M.CHECKPOINT_PREFIX}{3:06d}"]
+
+
+def test_no_checkpoint_starts_from_zero(make_model, tmp_path):
+    said = []
+    assert M.resume(str(tmp_path), ARGS, *fresh(make_model), 0, 1, said.append) == (0, None)
+    assert "no checkpoint" in said[0]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(make_model, tokenizer, tmp_path):
+    tiny_run(make_model, tokenizer, tmp_path, 3)
+    weights = tmp_path / f"{M.CHECKPOINT_PREFIX}000003" / "model" / M.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    said = []
+    step, state = M.resume(str(tmp_path), ARGS, *fresh(make_model), 0, 1, said.append)
+    assert step == 2 and state["marker"] == 2
+    assert f"cannot read {tmp_path / (M.CHECKPOINT_PREFIX + '000003')}" in said[0]
+    assert "trying the previous checkpoint" in said[0]
+    assert said[-1].startswith("resumed from") and said[-1].endswith("at step 2")
+    # and when no checkpoint can be read: a message that says what to do
+    (tmp_path / f"{M.CHECKPOINT_PREFIX}000002" / "trainer_state.pt").write_bytes(b"\0" * 10)
+    with pytest.raises(SystemExit, match="none of the 2 checkpoints .* can be read"):
+        M.resume(str(tmp_path), ARGS, *fresh(make_model), 0, 1, said.append)
+
+
+def test_a_resume_that_changes_the_run_is_refused_naming_each_flag(make_model, tokenizer, tmp_path):
+    tiny_run(make_model, tokenizer, tmp_path, 2)
+    with pytest.raises(SystemExit) as refusal:
+        M.resume(str(tmp_path), dict(ARGS, num_generations=4, lr=3e-4, resume=True), *fresh(make_model), 0, 1)
+    message = str(refusal.value)
+    assert "--num-generations 8 -> 4" in message and "--lr 0.001 -> 0.0003" in message
+    assert "--max-steps" in message  # the list of what may change
+    # extending the run, moving its folder, saving more often: allowed; a flag the checkpoint predates: ignored
+    allowed = dict(ARGS, max_steps=50, save_every=1, out_dir="y", resume=True, keep_checkpoints=5, new_flag=1)
+    assert M.resume(str(tmp_path), allowed, *fresh(make_model), 0, 1)[0] == 2
+
+
+def test_a_resume_with_another_world_size_is_refused(make_model, tokenizer, tmp_path):
+    tiny_run(make_model, tokenizer, tmp_path, 1, world_size=2)
+    with pytest.raises(SystemExit, match="2 ranks, this one has 1"):
+        M.resume(str(tmp_path), ARGS, *fresh(make_model), 0, 1)
+    with open(tmp_path / f"{M.CHECKPOINT_PREFIX}000001" / "state.json") as f:
+        assert json.load(f)["args"] == ARGS
