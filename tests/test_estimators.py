@@ -13,6 +13,8 @@ Guards the likelihood estimators and objectives beyond d1 (grpo.py --estimator, 
 - for each estimator x objective, on a toy group of two completions with advantages +1 and -1, the gradient is
   finite and one small SGD step raises the positive completion's estimated log-likelihood relative to the
   negative one (measured on 32 fixed mask draws, the training draw among them);
+- estimator_stats.py runs on a tiny checkpoint and prints finite figures for both estimators and the
+  forward-pass counts;
 - grpo.py end to end: --estimator coupled with mu 2 and beta > 0 (old, reference and current log-probs on the
   same coupled masks: the first ratio exactly 1), and --objective wd1 with --estimator coupled (KL and clip
   fraction 0, the model moves); --objective wd1 refuses --beta with a clean message.
@@ -225,3 +227,14 @@ def test_wd1_with_coupled_masks(start, tmp_path):
 def test_wd1_refuses_beta(tmp_path):
     run = run_script("grpo.py", "--objective", "wd1", "--beta", 0.04, "--out-dir", tmp_path, expect_ok=False)
     assert_clean_error(run, "--beta does not apply to --objective wd1", "--objective grpo")
+
+
+def test_estimator_stats_prints_its_table(start):
+    run = run_script("estimator_stats.py", "--model", start, "--prompts", 2, "--num-generations", 2, "--draws", 2,
+                     "--reference-draws", 8)
+    rows = {line.split("|")[0].strip(): line for line in run.stdout.splitlines() if line.count("|") == 6}
+    assert {"d1", "coupled"} <= rows.keys(), run.stdout
+    for name in ("d1", "coupled"):
+        assert all(math.isfinite(float(v)) for v in rows[name].split("|")[1:]), rows[name]
+    # grpo.py's defaults (mu 4, beta > 0): old, reference and current passes; wd1 the current ones alone
+    assert "d1 + grpo:  12" in run.stdout and "coupled + grpo:  24" in run.stdout and "coupled + wd1:   8" in run.stdout
