@@ -164,8 +164,8 @@ for row in rows:
 
 mu, reference_passes = args.num_iterations, args.num_iterations if args.beta > 0 else 0
 old_passes = mu if mu > 1 else 0
-print(f"\nforward passes of the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}; wd1 has no old or "
-      "reference pass; coupled doubles the rows of each)")
-for estimator, rows_per_pass in (("d1", 1), ("coupled", 2)):
-    print(f"  {estimator:>7} + grpo: {rows_per_pass * (old_passes + reference_passes + mu):3d} "
-          f"({mu} with backward) | {estimator:>7} + wd1: {rows_per_pass * mu:3d} ({mu} with backward)")
+print(f"\nforward passes over the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}): old, reference and "
+      "current for grpo, the current alone for wd1; coupled reads two passes where d1 reads one")
+for estimator, passes in (("d1", 1), ("coupled", 2)):
+    print(f"  {estimator:>7} + grpo: {passes * (old_passes + reference_passes + mu):3d} ({passes * mu} with backward)"
+          f" | {estimator:>7} + wd1: {passes * mu:3d} ({passes * mu} with backward)")
