@@ -18,6 +18,19 @@ Each step, top to bottom:
         KL_k = exp(ref - logp) - (ref - logp) - 1,
      loss = sum(loss_tok * mask) / sum(mask); one optimiser step per iteration.
 
+Beyond d1, two switches (the defaults are d1's, and with them a run is bit-identical to this script before them):
+  --estimator coupled (DiffuCoder's coupled-GRPO, Gong et al. 2025): step 4 with two passes per iteration whose
+     masks over the completion's action tokens are complementary at a random ratio t ~ U(0.2, 0.8) per sequence;
+     each token's log-prob is read from the pass that masked it, the other pass's tokens as context, weighted
+     1/(2t) or 1/(2(1 - t)) (an antithetic pair of ELBO samples; model.coupled_estimator_input). Twice d1's
+     forward passes; the prompt is masked as d1 masks it.
+  --objective wd1 (Tang et al. 2025): step 6 becomes the ratio-free weighted log-likelihood
+        loss = -(1/P) sum_groups sum_i (w+_i - w-_i) log pi(o_i | q),  w+ = softmax_G(A), w- = softmax_G(-A),
+     P the number of groups, log pi(o_i | q) the sum of the estimated token log-probs; step 5 vanishes (no old,
+     no reference log-probs: mu forward passes per rollout batch instead of up to 3 mu). wd1 refuses --beta,
+     --epsilon, --epsilon-high and --sync-ref-every: it has no ratio, no KL term and no reference policy.
+  `python estimator_stats.py` measures each estimator's bias and variance against a Monte-Carlo ELBO.
+
 Where this script departs from d1's released code (each a bug there; the README's table lists every difference):
   - masks come from a torch.Generator per iteration, never from reseeding the global RNGs (which in d1
     makes the next rollouts a function of the last mask seed);
@@ -91,8 +104,14 @@ parser.add_argument("--rollout-threshold", type=float, default=None,
                          "default: the fixed step schedule")
 # diffu-GRPO
 parser.add_argument("--num-iterations", type=int, default=4, help="mu: inner updates per rollout batch (d1: 12)")
-parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference")
-parser.add_argument("--epsilon", type=float, default=0.5, help="clip range of the ratio")
+parser.add_argument("--objective", default="grpo", choices=["grpo", "wd1"],
+                    help="grpo: d1's clipped ratio objective; wd1: ratio-free weighted log-likelihood (Tang et al. 2025)")
+parser.add_argument("--estimator", default="d1", choices=["d1", "coupled"],
+                    help="log-prob estimate: d1's one pass with the completion fully masked, or coupled: two passes "
+                    "with complementary masks over the completion (DiffuCoder's coupled-GRPO)")
+parser.add_argument("--beta", type=float, default=None, help="KL coefficient; 0 skips the reference "
+                    "(default 0.04 with --objective grpo; wd1 has no KL term)")
+parser.add_argument("--epsilon", type=float, default=None, help="clip range of the ratio (default 0.5; grpo only)")
 parser.add_argument("--epsilon-high", type=float, default=None, help="upper clip (default: --epsilon)")
 parser.add_argument("--p-mask-prompt", type=float, default=0.15, help="prompt masking rate of the estimator")
 parser.add_argument("--random-masking", action=argparse.BooleanOptionalAction, default=True,
@@ -126,6 +145,18 @@ parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable c
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
 parser.add_argument("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
 args = parser.parse_args()
+# flags that only the ratio objective reads: refused with wd1, given their defaults with grpo
+if args.objective == "wd1":
+    # wd1 estimates the current policy's likelihood alone: no ratio to clip, no reference to regularise towards
+    for flag, value in (("--beta", args.beta), ("--epsilon", args.epsilon), ("--epsilon-high", args.epsilon_high),
+                        ("--sync-ref-every", args.sync_ref_every)):
+        if value:
+            raise SystemExit(f"{flag} does not apply to --objective wd1: it has no ratio, no KL term and no "
+                             f"reference policy. Drop {flag}, or use --objective grpo.")
+    args.beta = 0.0
+else:
+    args.beta = 0.04 if args.beta is None else args.beta
+    args.epsilon = 0.5 if args.epsilon is None else args.epsilon
 
 # -----------------------------------------------------------------------------
 # Distributed init and the batch arithmetic
@@ -374,6 +405,8 @@ for step in range(start_step, args.max_steps):
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if args.scale_rewards == "group":
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    if args.objective == "wd1":  # each completion's w+ - w- within its group
+        wd1_weights = M.wd1_weights(advantages).reshape(-1, 1).to(device)  # (N, 1)
     advantages = advantages.reshape(-1, 1).to(device)  # (N, 1), broadcast over tokens
 
     # 4-5. one prompt mask per inner iteration; old and reference log-probs for all of them, no grad
@@ -383,18 +416,32 @@ for step in range(start_step, args.max_steps):
     # the conditioning tokens: the prompt, plus the canvas tokens of an infilling task
     is_prompt = torch.ones_like(sequences, dtype=torch.bool)
     is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
-    perturbed = [M.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
-                                   torch.Generator().manual_seed(s)) for s in mask_seeds]
+    if args.estimator == "d1":  # one pass: the completion fully masked, the prompt at p_mask_prompt
+        perturbed = [M.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
+                                       torch.Generator().manual_seed(s)) for s in mask_seeds]
+    else:  # coupled: two passes with complementary masks over the completion; (inputs, weights) per iteration
+        perturbed = [M.coupled_estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
+                                               torch.Generator().manual_seed(s)) for s in mask_seeds]
     micro_batches = [slice(j, j + micro) for j in range(0, N, micro)]
+
+    def estimated_logprobs(policy, k, mb):
+        """log pi(o_k | q) at the completion positions of micro-batch mb, on iteration k's masks (N_mb, gen_length)."""
+        mask = None if attention_mask is None else attention_mask[mb]
+        if args.estimator == "d1":
+            return completion_logprobs(policy, perturbed[k][mb], sequences[mb], mask, prompt_length)
+        inputs, weights = perturbed[k]
+        with ddp.autocast(device):
+            return M.coupled_logprobs(policy, inputs[:, mb], weights[:, mb], sequences[mb], mask, prompt_length)
 
     def logprobs_no_grad(policy, k):
         with torch.no_grad():
-            return torch.cat([completion_logprobs(policy, perturbed[k][mb], sequences[mb],
-                                                  None if attention_mask is None else attention_mask[mb],
-                                                  prompt_length) for mb in micro_batches])
+            return torch.cat([estimated_logprobs(policy, k, mb) for mb in micro_batches])
 
     model.eval()  # dropout off for every log-prob that enters a ratio
-    old_logps = [logprobs_no_grad(model, k) for k in range(args.num_iterations)] if args.num_iterations > 1 else None
+    # wd1 is ratio-free: it needs neither old log-probs nor (beta = 0) reference ones
+    old_logps = None
+    if args.num_iterations > 1 and args.objective == "grpo":
+        old_logps = [logprobs_no_grad(model, k) for k in range(args.num_iterations)]
     ref_logps = None
     if args.beta > 0:
         with reference_policy() as ref:
@@ -408,14 +455,17 @@ for step in range(start_step, args.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for mb in micro_batches:
-            logp = completion_logprobs(model, perturbed[k][mb], sequences[mb],
-                                       None if attention_mask is None else attention_mask[mb], prompt_length)
-            old = old_logps[k][mb] if old_logps is not None else logp.detach()  # mu = 1: ratio 1
-            if k == 0:  # the policy has not moved yet: the ratio must be exactly 1
-                stats["first_ratio_error"] = max(stats["first_ratio_error"], (logp.detach() - old).abs().max().item())
-            loss, kl, clip_fraction = M.grpo_loss(logp, old, None if ref_logps is None else ref_logps[k][mb],
-                                                  advantages[mb], completion_mask[mb].float(), args.epsilon,
-                                                  epsilon_high, args.beta)
+            logp = estimated_logprobs(model, k, mb)
+            if args.objective == "wd1":  # ratio-free: the weighted log-likelihood of the current policy alone
+                loss = M.wd1_loss(logp, completion_mask[mb].float(), wd1_weights[mb], len(logp) / args.num_generations)
+                kl = clip_fraction = torch.zeros(())
+            else:
+                old = old_logps[k][mb] if old_logps is not None else logp.detach()  # mu = 1: ratio 1
+                if k == 0:  # the policy has not moved yet: the ratio must be exactly 1
+                    stats["first_ratio_error"] = max(stats["first_ratio_error"], (logp.detach() - old).abs().max().item())
+                loss, kl, clip_fraction = M.grpo_loss(logp, old, None if ref_logps is None else ref_logps[k][mb],
+                                                      advantages[mb], completion_mask[mb].float(), args.epsilon,
+                                                      epsilon_high, args.beta)
             (loss / len(micro_batches)).backward()
             for name, value in (("loss", loss), ("kl", kl), ("clip_ratio", clip_fraction)):
                 stats[name] += value.item() / len(micro_batches) / args.num_iterations

@@ -1017,6 +1017,51 @@ def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):
     return torch.where(masked, torch.full_like(sequences, mask_id), sequences)
 
 
+# DiffuCoder's released coupled-GRPO draws its masking ratio from U(0.2, 0.8): a ratio near 0 or 1 would give
+# the 1/t or 1/(1 - t) weight below an unbounded variance
+COUPLED_MASK_RATIO_RANGE = (0.2, 0.8)
+
+
+def coupled_estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator,
+                            ratio_range=COUPLED_MASK_RATIO_RANGE):
+    """Coupled sampling's input (DiffuCoder, Gong et al. 2025, coupled-GRPO): two passes whose masks over the
+    action tokens (~is_prompt) are complementary. Per sequence t ~ U(ratio_range) and u ~ U(0, 1) per token;
+    pass 1 masks the action tokens with u < t, pass 2 the others, so every action token is masked in exactly
+    one pass and is read there with the other pass's tokens as context. The conditioning tokens (is_prompt)
+    are masked as in d1's estimator, each with probability p_mask_prompt, the same draw in both passes.
+    Each token's log-prob is weighted by the inverse of its pass's masking rate, halved because the two
+    passes are two samples of LLaDA's ELBO, log p(x) >= E_t[(1/t) sum_{i masked at t} log p(x_i | x_t)]:
+        log pi(o | q) ~ 1/2 [ (1/t) sum_{i in M_1} log p(o_i | x^1) + 1/(1-t) sum_{i in M_2} log p(o_i | x^2) ],
+    an antithetic (t, 1 - t) pair (DiffuCoder also averages this with d1's fully masked pass; we do not).
+    sequences, is_prompt (N, L); all randomness on the CPU from `generator`, as estimator_input.
+    Returns (inputs (2, N, L), weights (2, N, L)): the two perturbed batches and each token's weight in each
+    pass (0 where the pass does not read it)."""
+    N, L = sequences.shape
+    low, high = ratio_range
+    u_prompt = torch.rand((N, L), generator=generator).to(sequences.device)
+    t = (low + (high - low) * torch.rand((N, 1), generator=generator)).to(sequences.device)  # (N, 1)
+    u = torch.rand((N, L), generator=generator).to(sequences.device)
+    prompt_masked = is_prompt & (u_prompt < p_mask_prompt)
+    first = ~is_prompt & (u < t)
+    second = ~is_prompt & ~(u < t)  # the complement over the action tokens
+    mask = torch.full_like(sequences, mask_id)
+    inputs = torch.stack([torch.where(first | prompt_masked, mask, sequences),
+                          torch.where(second | prompt_masked, mask, sequences)])
+    weights = torch.stack([first / (2 * t), second / (2 * (1 - t))])
+    return inputs, weights
+
+
+def coupled_logprobs(policy, inputs, weights, sequences, attention_mask=None, prompt_length=0):
+    """The coupled estimate of every completion token's log-prob (N, L - prompt_length): both passes of
+    coupled_estimator_input's (inputs, weights) in one forward of 2N rows, each token read from the pass that
+    masked it, with its weight. sequences (N, L) hold the targets; attention_mask (N, L) or None."""
+    _, N, L = inputs.shape
+    logits = policy(inputs.reshape(2 * N, L), None if attention_mask is None else attention_mask.repeat(2, 1),
+                    slice(prompt_length, None))  # (2N, T, V)
+    logp = token_logprobs(logits, sequences[:, prompt_length:].repeat(2, 1)).view(2, N, -1)
+    return (weights[:, :, prompt_length:] * logp).sum(dim=0)
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta):
     """The clipped diffu-GRPO objective (d1 eq. 3, with the k3 KL estimate), averaged over the masked-in
     completion tokens. logp, old_logp, ref_logp (N, T) per-token log-probs (ref_logp None when beta = 0),
@@ -1035,6 +1080,23 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high,
     was_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
     clip_fraction = (was_clipped.float() * mask).sum() / denominator
     return (loss_tok * mask).sum() / denominator, kl.detach(), clip_fraction.detach()
+
+
+def wd1_weights(grouped_advantages):
+    """wd1's group-relative weights (Tang et al. 2025, the weighted log-likelihood objective, as in their released
+    trainer): w+ = softmax(A) over the group up-weights high-advantage completions, w- = softmax(-A) over the group
+    up-weights low-advantage ones for the negative (unlearning) term. grouped_advantages (P, G) -> w+ - w- (P, G)."""
+    return torch.softmax(grouped_advantages, dim=1) - torch.softmax(-grouped_advantages, dim=1)
+
+
+def wd1_loss(logp, mask, weights, num_groups):
+    """wd1's ratio-free objective: minus the weighted log-likelihood of the completions,
+        loss = -(1 / num_groups) sum_i (w+_i - w-_i) log pi(o_i | q),  log pi(o_i | q) = sum_k logp_ik mask_ik,
+    with the log-likelihood of the current policy alone (no old or reference policy). logp (N, T), mask (N, T)
+    of 0/1, weights (N, 1) = w+ - w- of each completion's group, num_groups the number of groups the N rows
+    stand for (N / G, fractional when a micro-batch splits a group)."""
+    sequence_logp = (logp * mask).sum(dim=1, keepdim=True)  # (N, 1)
+    return -(weights * sequence_logp).sum() / num_groups
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
