@@ -11,11 +11,11 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
 - exact resume: a run killed with SIGKILL after its first checkpoint, whose out-dir also holds a
   half-written `.tmp-checkpoint-*` folder (a kill during a save), resumed with --resume, ends bitwise
   equal to the uninterrupted run, and its metrics.jsonl holds each step once;
-- preemption: a real SIGTERM to the launcher of a 2-rank torchrun run stops both ranks after the same step
-  with a checkpoint and a clean exit; --resume then ends bitwise equal to the uninterrupted 2-rank run;
 - FSDP2 (--fsdp over 2 gloo ranks): the loss trajectory and parameters match the DDP run within float
-  rounding of a different summation order (bounds justified in the test), resume from a mid-run checkpoint
-  is bitwise exact, and --fsdp without torchrun is refused with a message;
+  rounding of a different summation order (bounds justified in the test); --fsdp without torchrun is refused
+  with a message;
+- preemption: a real SIGTERM to the launcher of that 2-rank FSDP run stops both ranks after the same step
+  with a checkpoint and a clean exit; --resume then ends bitwise equal to the uninterrupted FSDP run;
 - multi-node: two torchrun launchers (--nnodes 2, c10d rendezvous on 127.0.0.1) end bitwise equal to one
   node of 2 processes;
 - LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
@@ -32,7 +32,6 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -42,8 +41,8 @@ import torch
 
 import model as M
 from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error,
-                     assert_stopped_cleanly_by_sigterm, checkpoints, command, max_difference, parameters, read_metrics,
-                     run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
+                     assert_stopped_cleanly_by_sigterm, checkpoints, command, logged_steps, max_difference, parameters,
+                     read_metrics, run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
 
 MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
 TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
@@ -145,17 +144,6 @@ def test_two_ranks_equal_the_plain_one_rank_command(one_rank, two_ranks):
 # Exact resume
 
 
-def logged_steps(out):
-    """The steps of the complete lines of a live run's metrics.jsonl."""
-    if not (out / "metrics.jsonl").exists():
-        return []
-    steps = []
-    for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True):
-        if line.endswith("\n"):
-            steps.append(json.loads(line)["step"])
-    return steps
-
-
 def checkpoint_step(out):
     with open(out / checkpoints(out)[-1] / "state.json") as f:
         return json.load(f)["step"]
@@ -225,19 +213,6 @@ def test_metrics_after_a_resume_hold_one_record_per_step(killed_and_resumed):
     assert steps == list(range(1, MAX_STEPS + 1)), f"resumed at step {killed_at}; steps logged: {steps}"
 
 
-def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_resume_is_bitwise_exact(two_ranks, tmp_path):
-    """A real SIGTERM to the torchrun launcher of a 2-rank run (it forwards it to both workers, as SLURM's
-    signal before a preemption): the run saves the step it finished and exits; the same command with --resume
-    ends bitwise equal to the uninterrupted 2-rank run."""
-    out = tmp_path / "preempted"
-    run = run_with_sigterm("sft.py", *TINY, "--out-dir", out, out_dir=out, after_step=3)
-    stopped = assert_stopped_cleanly_by_sigterm(run, out, MAX_STEPS)
-    resumed = run_script("sft.py", *TINY, "--out-dir", out, "--resume", nproc=2)
-    assert f"resumed from {out / (M.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
-    assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))
-    assert_bitwise_equal(parameters(out), parameters(two_ranks[0]))
-
-
 def test_two_nodes_equal_one_node(two_ranks, tmp_path):
     """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d` twice (two "nodes" on this machine, global
     ranks 0 and 1, LOCAL_RANK 0 on both) is the same run as one node of 2 processes, bitwise; only global
@@ -252,11 +227,14 @@ def test_two_nodes_equal_one_node(two_ranks, tmp_path):
 # FSDP2 (--fsdp): full fine-tuning sharded over the ranks
 
 
+FSDP = ["--fsdp", "--keep-checkpoints", 6]
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """The 2-rank command with --fsdp, keeping every checkpoint (2, 4, ..., 12) for the resume test."""
+    """The 2-rank command with --fsdp, keeping every checkpoint (2, 4, ..., 12)."""
     out = tmp_path_factory.mktemp("sft") / "fsdp"
-    return out, run_script("sft.py", *TINY, "--out-dir", out, "--fsdp", "--keep-checkpoints", 6, nproc=2)
+    return out, run_script("sft.py", *TINY, *FSDP, "--out-dir", out, nproc=2)
 
 
 def test_fsdp_matches_ddp(two_ranks, fsdp_run):
@@ -273,16 +251,18 @@ def test_fsdp_matches_ddp(two_ranks, fsdp_run):
     assert max_difference(parameters(out), parameters(ddp_out)) <= 1e-6
 
 
-def test_fsdp_resume_is_bitwise_exact(fsdp_run, tmp_path):
-    """The run's step-6 checkpoint (weights and AdamW state gathered on rank 0 when saved, scattered when
-    loaded) continued with --resume ends bitwise equal to the uninterrupted run."""
-    out, _ = fsdp_run
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / f"{M.CHECKPOINT_PREFIX}000006", resumed / f"{M.CHECKPOINT_PREFIX}000006")
-    run = run_script("sft.py", *TINY, "--out-dir", resumed, "--fsdp", "--resume", nproc=2)
-    assert "at step 6" in run.output
-    assert_bitwise_equal(parameters(resumed), parameters(out))
+def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(fsdp_run, tmp_path):
+    """A real SIGTERM to the torchrun launcher of the same 2-rank FSDP run (it forwards it to both workers, as
+    SLURM's signal before a preemption) once step 3 is logged: both ranks stop after the same step and rank 0
+    saves it (weights and AdamW state gathered); the same command with --resume (rank 0 reads, every rank
+    keeps its slice) ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "preempted"
+    run = run_with_sigterm("sft.py", *TINY, *FSDP, "--out-dir", out, out_dir=out, after_step=3)
+    stopped = assert_stopped_cleanly_by_sigterm(run, out, MAX_STEPS)
+    resumed = run_script("sft.py", *TINY, *FSDP, "--out-dir", out, "--resume", nproc=2)
+    assert f"resumed from {out / (M.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))
+    assert_bitwise_equal(parameters(out), parameters(fsdp_run[0]))
 
 
 # -----------------------------------------------------------------------------
