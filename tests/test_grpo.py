@@ -12,7 +12,7 @@ Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo
   run exiting 0 with the metrics every record must hold:
   (a) the default path (full fine-tuning, mu 2, beta > 0, the frozen starting model as reference):
       first_ratio_error exactly 0.0 in every record, a non-zero KL once the policy moved, the final model in
-      LLaDA's layout; the same run syncs its reference every 2 steps (e, full training): the saved reference
+      LLaDA's layout; the same run syncs its reference after 4 optimiser steps (e, full training): the saved reference
       is exactly alpha policy + (1 - alpha) start;
   exact resume of that run: 3 uninterrupted steps vs 2 steps then the same command with `--max-steps 3
   --resume` (the final checkpoint of the 2-step run is its step-2 state): bitwise equal parameters;
