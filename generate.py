@@ -218,6 +218,7 @@ def same_token_share(tokenizer, texts, reference_texts, canvases, mask_id):
     return same / max(total, 1)
 
 
+@torch.no_grad()
 def bench(args):
     """Prints one table: plain, prefix and dual cache, each without and with threshold decoding, on
     (a) a random ~60M model at d1's rollout shape (speed) and (b) a trained tiny_sudoku checkpoint
@@ -225,7 +226,6 @@ def bench(args):
     import evaluate
     import model as M
 
-    torch.set_grad_enabled(False)
     modes = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
     name = lambda cache, threshold: ("plain" if cache == "none" else cache) + (  # noqa: E731
         "" if threshold is None else f" + threshold {threshold}")

@@ -255,3 +255,4 @@ def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     assert rows[6].split()[-4] == "1.00" and rows[6].endswith(" 100.0%")  # plain against itself
     G.bench(argparse.Namespace(bench_model=None))
     assert "(b) skipped: pass --bench-model" in capsys.readouterr().out
+    assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for its caller
