@@ -11,8 +11,10 @@ and threshold (confidence-threshold parallel decoding, Fast-dLLM).
   exactly, with cfg and a canvas too; otherwise they give complete completions that keep the canvas;
 - threshold: each step commits every position at least tau confident and at least one (counted with
   mocks of known confidence), the forward passes vary with confidence, and a row's tokens do not depend on
-  the batch it is in, in every cache mode, although rows finish their blocks at different steps;
-- `stats` counts forward passes and generated tokens; argument errors.
+  the batch it is in, in every cache mode and with cfg, although rows finish their blocks at different
+  steps (finished rows leave the pass and its cache);
+- `stats` counts forward passes and generated tokens; argument errors;
+- `python generate.py --bench` (shrunk): one table, a row per mode and workload; it leaves autograd on.
 """
 
 import pytest
@@ -25,10 +27,10 @@ from test_generate import FixedLogitsModel, random_prompts, reference_generate, 
 MODES = ("none", "prefix", "dual")
 
 
-def confident_model(make_model, seed, sharpness=5.0, **overrides):
+def confident_model(make_model, seed, sharpness=5.0):
     """A random model with a scaled-up LM head: softmax confidences spread from ~0.2 to 1, so that a
     threshold of 0.9 commits several positions at some steps and one at others."""
-    model = make_model(seed=seed, init_std=0.3, **overrides)
+    model = make_model(seed=seed, init_std=0.3)
     with torch.no_grad():
         model.ff_out.weight *= sharpness
     return model
@@ -255,3 +257,4 @@ def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     assert rows[6].split()[-4] == "1.00" and rows[6].endswith(" 100.0%")  # plain against itself
     G.bench(argparse.Namespace(bench_model=None))
     assert "(b) skipped: pass --bench-model" in capsys.readouterr().out
+    assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for its caller
