@@ -3,7 +3,7 @@ Guards generate.py, the sampler (LLaDA's reverse diffusion with low-confidence r
 semi-autoregressive blocks) and its CLI.
 
 - at temperature 0 the fast batched `generate` returns IDENTICAL tokens to a slow reference written here
-  (one row at a time, plain torch.topk per row, LLaDA's algorithm as DESIGN.md states it, classifier-free
+  (one row at a time, plain torch.topk per row, LLaDA's algorithm as its paper states it, classifier-free
   guidance included), over several (steps, gen_length, block_length, cfg_scale, batch) settings, including
   steps per block that do not divide the block length and more steps than tokens;
 - no mask token is left after sampling, not even when the model likes the mask token best;
