@@ -29,7 +29,8 @@ import data
 import ddp
 import model as M
 import rewards
-from evaluate import EVAL_DEFAULTS, encode_canvas, left_pad, record_columns
+from data import encode_canvas
+from evaluate import EVAL_DEFAULTS, left_pad, record_columns
 from generate import completion_text, generate
 
 parser = argparse.ArgumentParser(description="Bias, variance and cost of grpo.py's log-likelihood estimators.")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import ddp
 import model as M
 import rewards
@@ -175,25 +176,6 @@ def record_columns(example):
     return {k: v for k, v in example.items() if k not in RECORD_KEYS}
 
 
-def encode_canvas(tokenizer, example, gen_length, mask_id):
-    """The starting completion (gen_length,) of an infilling record: its canvas text, CANVAS_BLANK
-    characters turned into [MASK], then EOS, then [MASK] up to gen_length. None when the record has no
-    canvas (the sampler then starts from an all-[MASK] completion)."""
-    from data import CANVAS_BLANK
-
-    if example.get("canvas") is None:
-        return None
-    ids = tokenizer(example["canvas"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blank_id = tokenizer.convert_tokens_to_ids(CANVAS_BLANK)
-    ids = [mask_id if t == blank_id else t for t in ids]
-    if ids.count(mask_id) != example["canvas"].count(CANVAS_BLANK):
-        raise ValueError(f"the tokenizer does not keep {CANVAS_BLANK!r} as one token: canvases need a "
-                         "character-level tokenizer")
-    if len(ids) > gen_length:
-        raise ValueError(f"a canvas of {len(ids)} tokens does not fit in gen_length {gen_length}")
-    return ids + [mask_id] * (gen_length - len(ids))
-
-
 def left_pad(prompts, pad_id, device):
     """(B, Lp) left-padded ids and the (B, Lp) 0/1 mask of real tokens (None when nothing is padded).
     RoPE depends only on relative positions, so with the padded keys masked a prompt's completion does
@@ -226,7 +208,7 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
                   dynamic_ncols=True):
         batch = mine[b:b + batch_size]
         prompt_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.eos_token_id, device)
-        canvases = [encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
+        canvases = [data.encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
         canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
         try:
             with ddp.autocast(device):
@@ -267,8 +249,6 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
 
 def test_examples(task, data_dir, limit=None):
     """d1's test set of a task in d1's evaluation style; sudoku subsampled to d1's 256 puzzles."""
-    import data
-
     examples = data.load_examples(task, "test", data_dir=data_dir, style="eval")
     if task in SUBSAMPLED_TASKS and len(examples) > SUBSAMPLE_SIZE:
         # the legacy global generator d1 seeds draws exactly what a RandomState of the same seed draws
@@ -305,8 +285,6 @@ def write_generations(path, examples, result, tokenizer, settings):
 # ---------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import data
-
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
     parser.add_argument("--model", nargs="+", help="checkpoint folder(s): ours, a LoRA adapter folder, or LLaDA's "
                         "published layout; several are evaluated in turn and compared in one table")

@@ -16,7 +16,8 @@ Classifier-free guidance (cfg_scale > 0): a second pass with the prompt masked,
 logits = uncond + (cfg_scale + 1) * (cond - uncond).
 
 Usage:
-    python generate.py --model out/sft --prompt "1024\\n0300\\n0012\\n4000"
+    python generate.py --model out/sft --task tiny_sudoku --prompt "1024\\n0230\\n3002\\n2043"   # fills the 0s
+    python generate.py --model checkpoints/LLaDA-8B-Instruct --prompt "What is 12 * 7?" --gen-length 128
     python generate.py --bench --bench-model out/sft    # the fast sampler's modes side by side
 """
 
@@ -225,6 +226,7 @@ def bench(args):
     """Prints one table: plain, prefix and dual cache, each without and with threshold decoding, on
     (a) a random ~60M model at d1's rollout shape (speed) and (b) a trained tiny_sudoku checkpoint
     (--bench-model; held-out accuracy and tokens identical to the plain sampler's)."""
+    import data
     import evaluate
     import model as M
 
@@ -263,7 +265,7 @@ def bench(args):
         result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, progress=False, cache=cache,
                                             threshold=threshold, **q)
         reference = reference or result
-        canvases = [evaluate.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
+        canvases = [data.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
         same = same_token_share(tokenizer, result["completions"], reference["completions"], canvases,
                                 model.cfg.mask_token_id)
         print(f"{workload:<30} {name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
@@ -282,9 +284,12 @@ if __name__ == "__main__":
     parser.add_argument("--model", help="checkpoint folder (LLaDA's layout or a LoRA adapter folder)")
     parser.add_argument("--prompt", help="the user message; the chat template is applied")
     parser.add_argument("--prefill", default="", help="text appended after the assistant header (d1 eval: <reasoning>)")
-    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate")
-    parser.add_argument("--block-length", type=int, default=32, help="tokens per semi-autoregressive block")
-    parser.add_argument("--steps", type=int, default=64, help="diffusion steps in total (split over blocks)")
+    parser.add_argument("--task", default=None, choices=["tiny_sudoku"],
+                        help="an infilling task: tiny_sudoku starts from the puzzle's answer grid with its given cells "
+                             "written (the --prompt rows, 0 = blank) and fills the blanks, with the task's lengths")
+    parser.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default 128; the task's)")
+    parser.add_argument("--block-length", type=int, default=None, help="tokens per semi-autoregressive block (default 32)")
+    parser.add_argument("--steps", type=int, default=None, help="diffusion steps in total, split over blocks (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel noise scale; 0 = greedy")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
     parser.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
@@ -303,15 +308,31 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if not args.model or args.prompt is None:
         parser.error("--model and --prompt are required (or --bench)")
+    import data
+    import evaluate
     import model as M
 
+    # the task's sampler lengths (tiny_sudoku: one block of 20, the grid and its EOS), else a chat answer's
+    lengths = evaluate.EVAL_DEFAULTS[args.task] if args.task else {"gen_length": 128, "block_length": 32, "steps": 64}
+    gen_length = args.gen_length or lengths["gen_length"]
+    block_length = args.block_length or min(lengths["block_length"], gen_length)
+    steps = args.steps or lengths["steps"]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = M.load_model(args.model, args.device, dtype).eval()
     tokenizer = M.load_tokenizer(args.model)
-    prompt = M.encode_prompt(tokenizer, [{"role": "user", "content": args.prompt.replace("\\n", "\n")}], args.prefill)
+    user = args.prompt.replace("\\n", "\n")
+    prompt = M.encode_prompt(tokenizer, [{"role": "user", "content": user}], args.prefill)
     prompt_ids = torch.tensor([prompt], device=args.device)
+    canvas = None
+    if args.task == "tiny_sudoku":
+        try:
+            ids = data.encode_canvas(tokenizer, {"canvas": data.tiny_sudoku_canvas(user)}, gen_length,
+                                     model.cfg.mask_token_id)
+        except ValueError as err:
+            raise SystemExit(f"--task tiny_sudoku: {err}") from None
+        canvas = torch.tensor([ids], device=args.device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
-        out = generate(model, prompt_ids, args.steps, args.gen_length, args.block_length, args.temperature,
-                       args.cfg_scale, args.remasking, model.cfg.mask_token_id,
+        out = generate(model, prompt_ids, steps, gen_length, block_length, args.temperature,
+                       args.cfg_scale, args.remasking, model.cfg.mask_token_id, canvas=canvas,
                        generator=torch.Generator(args.device).manual_seed(args.seed))
     print(completion_text(tokenizer, out[0, prompt_ids.shape[1]:], M.stop_token_ids(tokenizer)))

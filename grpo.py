@@ -70,7 +70,7 @@ import data
 import ddp
 import model as M
 import rewards
-from evaluate import EVAL_DEFAULTS, encode_canvas, evaluate_examples, left_pad, record_columns, test_examples
+from evaluate import EVAL_DEFAULTS, evaluate_examples, left_pad, record_columns, test_examples
 from generate import CACHE_MODES, forward_passes_per_token, generate
 
 # -----------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def rollout(step, prompt_indices):
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.eos_token_id, device)
     canvas = None  # infilling tasks start from a canvas; the others from an all-[MASK] completion
     if prompts[prompt_indices[0]].get("canvas") is not None:
-        canvas = torch.tensor([encode_canvas(tokenizer, prompts[i], gen_length, mask_id)
+        canvas = torch.tensor([data.encode_canvas(tokenizer, prompts[i], gen_length, mask_id)
                                for i in prompt_indices for _ in range(args.num_generations)], device=device)
     model.eval()
     outputs = []

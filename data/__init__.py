@@ -27,7 +27,7 @@ read in file order and `limit` keeps the first records.
 """
 
 from data.countdown import countdown_examples
-from data.sudoku import CANVAS_BLANK, TINY_NUM_SFT_GRIDS, sudoku_examples, tiny_sudoku_examples
+from data.sudoku import CANVAS_BLANK, EMPTY, TINY_NUM_SFT_GRIDS, check_puzzle, sudoku_examples, tiny_sudoku_examples
 from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
 
 TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")
@@ -82,3 +82,30 @@ def sft_tokens(tokenizer, example):
     full = tokenizer(tokenizer.apply_chat_template(example["prompt"] + reply, tokenize=False))["input_ids"]
     prompt = tokenizer(tokenizer.apply_chat_template(example["prompt"], tokenize=False) + "\n")["input_ids"]
     return full[:len(prompt)], full[len(prompt):]
+
+
+def encode_canvas(tokenizer, example, gen_length, mask_id):
+    """The starting completion (gen_length,) of an infilling record: its canvas text, CANVAS_BLANK
+    characters turned into [MASK], then EOS, then [MASK] up to gen_length. None when the record has no
+    canvas (the sampler then starts from an all-[MASK] completion)."""
+    if example.get("canvas") is None:
+        return None
+    ids = tokenizer(example["canvas"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    blank_id = tokenizer.convert_tokens_to_ids(CANVAS_BLANK)
+    ids = [mask_id if t == blank_id else t for t in ids]
+    if ids.count(mask_id) != example["canvas"].count(CANVAS_BLANK):
+        raise ValueError(f"the tokenizer does not keep {CANVAS_BLANK!r} as one token: canvases need a "
+                         "character-level tokenizer")
+    if len(ids) > gen_length:
+        raise ValueError(f"a canvas of {len(ids)} tokens does not fit in gen_length {gen_length}")
+    return ids + [mask_id] * (gen_length - len(ids))
+
+
+def tiny_sudoku_canvas(puzzle):
+    """The canvas of a tiny_sudoku puzzle written as 4 rows of 4 digits ('0' = blank): the rows with each blank
+    to fill. A ValueError names a malformed puzzle."""
+    rows = puzzle.split("\n")
+    if len(rows) != 4 or any(len(row) != 4 for row in rows):
+        raise ValueError(f"a tiny_sudoku puzzle is 4 rows of 4 digits (0 = blank), got {puzzle!r}")
+    check_puzzle("".join(rows))
+    return puzzle.replace(EMPTY, CANVAS_BLANK)

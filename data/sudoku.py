@@ -96,14 +96,14 @@ def split_grids(num_test=48, seed=0):
 # Solver and puzzle generator
 
 
-def _check_puzzle(puzzle):
+def check_puzzle(puzzle):
     if not isinstance(puzzle, str) or len(puzzle) != NUM_CELLS or any(c not in "01234" for c in puzzle):
         raise ValueError(f"a puzzle is 16 characters from 0-4 ('0' = empty), got {puzzle!r}")
 
 
 def solutions(puzzle):
     """Every solution grid of `puzzle` (a 16-character string, '0' = empty), sorted."""
-    _check_puzzle(puzzle)
+    check_puzzle(puzzle)
     agree = _ALL
     for i, c in enumerate(puzzle):
         if c != EMPTY:
@@ -190,7 +190,7 @@ def load_sudoku_csv(path):
                 raise ValueError(f"{path}:{line}: expected 2 columns (Puzzle,Solution), got {row!r}")
             puzzle, solution = row[0].strip(), row[1].strip()
             try:
-                _check_puzzle(puzzle)
+                check_puzzle(puzzle)
             except ValueError as err:
                 raise ValueError(f"{path}:{line}: {err}") from None
             if not is_solution_grid(solution) or any(p != EMPTY and p != s for p, s in zip(puzzle, solution)):
@@ -258,5 +258,5 @@ def tiny_sudoku_examples(split, *, limit, seed, num_sft_grids=TINY_NUM_SFT_GRIDS
         records.append(make_record(
             user_content=question, style="train", sft_text=rows_text(solution),
             question=question, ground_truth=solution, puzzle=puzzle, solution=solution))
-        records[-1]["canvas"] = question.replace(EMPTY, CANVAS_BLANK)
+        records[-1]["canvas"] = question.replace(EMPTY, CANVAS_BLANK)  # data.tiny_sudoku_canvas
     return records

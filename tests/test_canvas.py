@@ -1,13 +1,12 @@
 """
 Guards infilling: a sampler that starts from a canvas (the tiny Sudoku's answer grid with the given cells
 written) keeps the canvas tokens, fills only its masks, spends forward passes only on steps that commit
-something, and `evaluate.encode_canvas` turns a record's canvas text into those starting tokens.
+something, and `data.encode_canvas` turns a record's canvas text into those starting tokens.
 """
 
 import torch
 
 import data
-import evaluate
 import model as M
 from generate import generate
 
@@ -29,7 +28,7 @@ def test_canvas_tokens_are_kept_and_only_masks_are_filled():
     model = CountingModel(M.build_model("tiny", tokenizer, seed=3).eval())
     mask_id = M.mask_token_id(tokenizer)
     example = data.load_examples("tiny_sudoku", "test", limit=4)[0]
-    canvas = torch.tensor([evaluate.encode_canvas(tokenizer, example, 20, mask_id)] * 3)
+    canvas = torch.tensor([data.encode_canvas(tokenizer, example, 20, mask_id)] * 3)
     prompt = torch.tensor([M.encode_prompt(tokenizer, example["prompt"])] * 3)
     out = generate(model, prompt, steps=20, gen_length=20, block_length=20, temperature=1.0, mask_id=mask_id,
                    generator=torch.Generator().manual_seed(0), canvas=canvas)
@@ -55,16 +54,16 @@ def test_encode_canvas():
     tokenizer = M.build_tiny_tokenizer()
     mask_id = M.mask_token_id(tokenizer)
     example = data.load_examples("tiny_sudoku", "sft", limit=1)[0]
-    ids = evaluate.encode_canvas(tokenizer, example, 24, mask_id)
+    ids = data.encode_canvas(tokenizer, example, 24, mask_id)
     blanks = example["puzzle"].count("0")
     assert len(ids) == 24
     assert ids[:19].count(mask_id) == blanks  # the blank cells
     assert ids[19] == tokenizer.eos_token_id  # the answer's end is fixed too
     assert ids[20:] == [mask_id] * 4  # room left over stays masked
     assert tokenizer.decode([t for t in ids[:19] if t != mask_id]) == example["canvas"].replace(data.CANVAS_BLANK, "")
-    assert evaluate.encode_canvas(tokenizer, {"canvas": None}, 24, mask_id) is None
+    assert data.encode_canvas(tokenizer, {"canvas": None}, 24, mask_id) is None
     try:
-        evaluate.encode_canvas(tokenizer, example, 10, mask_id)
+        data.encode_canvas(tokenizer, example, 10, mask_id)
     except ValueError as err:
         assert "does not fit" in str(err)
     else:

@@ -303,3 +303,27 @@ def test_cli_samples_from_a_saved_checkpoint(tokenizer, tmp_path):
     expected = G.completion_text(tokenizer, out[0, prompt.shape[1]:], M.stop_token_ids(tokenizer))
     assert len(expected) > 0
     assert result.stdout.endswith(expected + "\n")
+
+
+def test_cli_task_fills_the_blanks_of_a_tiny_sudoku_canvas(tmp_path):
+    """`--task tiny_sudoku`: the sampler starts from the puzzle's answer grid (given cells written, the task's
+    lengths), so the output is the puzzle's 4 rows with only its blanks filled, whatever the model (here one
+    that writes digits); a malformed puzzle is a message."""
+    from helpers import digit_checkpoint
+
+    path = digit_checkpoint(tmp_path / "digits")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    puzzle = "1024\n0230\n3002\n2043"
+
+    def cli(prompt):
+        return subprocess.run([sys.executable, "generate.py", "--model", path, "--task", "tiny_sudoku", "--prompt",
+                               prompt, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    result = cli(puzzle.replace("\n", "\\n"))  # typed on a command line, as the docstring shows
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().split("\n")
+    assert len(rows) == 4 and all(len(r) == 4 and set(r) <= set("1234") for r in rows), result.stdout
+    assert all(g in ("0", c) for g, c in zip(puzzle.replace("\n", ""), "".join(rows)))  # the given cells kept
+    bad = cli("1024\\n0230")
+    assert bad.returncode != 0 and "4 rows of 4 digits" in bad.stderr and "Traceback" not in bad.stderr
