@@ -29,9 +29,7 @@ import data
 import ddp
 import model as M
 import rewards
-from data import encode_canvas
-from evaluate import EVAL_DEFAULTS, left_pad, record_columns
-from generate import completion_text, generate
+from generate import completion_text, generate, left_pad
 
 parser = argparse.ArgumentParser(description="Bias, variance and cost of grpo.py's log-likelihood estimators.")
 parser.add_argument("--model", default="out/sft", help="a trained checkpoint folder (sft.py's --out-dir)")
@@ -55,7 +53,7 @@ torch.manual_seed(args.seed)
 tokenizer = M.load_tokenizer(args.model)
 model = M.load_model(args.model).eval()
 mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
-defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+defaults = data.generation_defaults(args.task)
 gen_length = defaults["gen_length"]
 split = "rl" if args.task == "tiny_sudoku" else "train"
 prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
@@ -65,7 +63,7 @@ prompt_ids, prompt_mask = left_pad([M.encode_prompt(tokenizer, e["prompt"], e["p
                                    tokenizer.eos_token_id, "cpu")
 canvas = None
 if examples[0].get("canvas") is not None:
-    canvas = torch.tensor([encode_canvas(tokenizer, e, gen_length, mask_id) for e in examples])
+    canvas = torch.tensor([data.encode_canvas(tokenizer, e, gen_length, mask_id) for e in examples])
 with torch.no_grad():
     sequences = generate(model, prompt_ids, defaults["steps"], gen_length, min(defaults["block_length"], gen_length),
                          args.temperature, mask_id=mask_id, attention_mask=prompt_mask,
@@ -81,7 +79,7 @@ is_prompt = torch.ones_like(sequences, dtype=torch.bool)
 is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
 attention_mask = None if prompt_mask is None else torch.cat([prompt_mask, torch.ones_like(targets)], dim=1)
 texts = [completion_text(tokenizer, row, stop_ids) for row in targets]
-columns = {key: [e[key] for e in examples] for key in record_columns(examples[0])}
+columns = {key: [e[key] for e in examples] for key in data.record_columns(examples[0])}
 reward = sum(w * torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, w in rewards.reward_functions(args.task))
 grouped = reward.view(-1, args.num_generations)
 advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (N,)

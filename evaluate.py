@@ -34,7 +34,7 @@ import data
 import ddp
 import model as M
 import rewards
-from generate import CACHE_MODES, forward_passes_per_token, generate
+from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad
 
 # ---------------------------------------------------------------------------------------------------
 # Rescoring
@@ -159,35 +159,9 @@ def format_table(rows):
 # ---------------------------------------------------------------------------------------------------
 # Generating and scoring (also called by sft.py and grpo.py for their held-out accuracy)
 
-# d1's evaluation settings (gen_length 128/256/512, block_length 32, steps = gen_length / 2, greedy).
-# The tiny task's answer is 19 characters + EOS: one block of 20.
-EVAL_DEFAULTS = {
-    "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
-    "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
-}
 # d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42); np.random.choice(500, 256,
 # replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256 problems, so nothing is drawn there
 SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
-RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth", "canvas")
-
-
-def record_columns(example):
-    """The columns a reward function or rewards.score reads from a record (d1's names)."""
-    return {k: v for k, v in example.items() if k not in RECORD_KEYS}
-
-
-def left_pad(prompts, pad_id, device):
-    """(B, Lp) left-padded ids and the (B, Lp) 0/1 mask of real tokens (None when nothing is padded).
-    RoPE depends only on relative positions, so with the padded keys masked a prompt's completion does
-    not depend on the other prompts of its batch (d1 pads without a mask)."""
-    length = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
-    if all(len(p) == length for p in prompts):
-        return ids, None
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
                       device="cpu", progress=True, cache="none", threshold=None):
@@ -233,7 +207,7 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
              for key in ("forward_passes", "row_forward_passes", "generated_tokens")}
     correct = total = valid = 0
     for example, text in zip(examples, completions):
-        c, t = rewards.score(task, text, **record_columns(example))
+        c, t = rewards.score(task, text, **data.record_columns(example))
         correct, total = correct + c, total + t
         if "puzzle" in example:
             valid += rewards.sudoku_valid(text, example["puzzle"])
@@ -319,7 +293,7 @@ if __name__ == "__main__":
             raise SystemExit(f"--model {path!r} is not a folder (a checkpoint or adapter folder)")
 
     rank, world_size, device = ddp.init()
-    defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+    defaults = data.generation_defaults(args.task)
     gen_length = args.gen_length or defaults["gen_length"]
     settings = {"gen_length": gen_length,
                 "steps": args.steps or (gen_length // 2 if args.gen_length else defaults["steps"]),

@@ -38,6 +38,18 @@ def num_transfer_tokens(block_masked, steps):
     return n // steps + (step < n % steps).long()
 
 
+def left_pad(prompts, pad_id, device):
+    """(B, Lp) left-padded ids and the (B, Lp) 0/1 mask of real tokens (None when nothing is padded).
+    RoPE depends only on relative positions, so with the padded keys masked a prompt's completion does
+    not depend on the other prompts of its batch (d1 pads without a mask)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
+    if all(len(p) == length for p in prompts):
+        return ids, None
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -309,11 +321,10 @@ if __name__ == "__main__":
     if not args.model or args.prompt is None:
         parser.error("--model and --prompt are required (or --bench)")
     import data
-    import evaluate
     import model as M
 
     # the task's sampler lengths (tiny_sudoku: one block of 20, the grid and its EOS), else a chat answer's
-    lengths = evaluate.EVAL_DEFAULTS[args.task] if args.task else {"gen_length": 128, "block_length": 32, "steps": 64}
+    lengths = data.generation_defaults(args.task) if args.task else {"gen_length": 128, "block_length": 32, "steps": 64}
     gen_length = args.gen_length or lengths["gen_length"]
     block_length = args.block_length or min(lengths["block_length"], gen_length)
     steps = args.steps or lengths["steps"]

@@ -70,8 +70,8 @@ import data
 import ddp
 import model as M
 import rewards
-from evaluate import EVAL_DEFAULTS, evaluate_examples, left_pad, record_columns, test_examples
-from generate import CACHE_MODES, forward_passes_per_token, generate
+from evaluate import evaluate_examples, test_examples
+from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -177,7 +177,7 @@ if rollouts_per_rank % args.gradient_accumulation_steps != 0:
                      f"{args.gradient_accumulation_steps} micro-batches")
 micro = rollouts_per_rank // args.gradient_accumulation_steps
 generation_batch = args.generation_batch_size or rollouts_per_rank
-defaults = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+defaults = data.generation_defaults(args.task)
 gen_length = args.max_completion_length or defaults["gen_length"]
 block_length = args.block_length or min(defaults["block_length"], gen_length)
 diffusion_steps = args.diffusion_steps or defaults["steps"]
@@ -396,7 +396,7 @@ for step in range(start_step, args.max_steps):
 
     # 2. rewards: the weighted sum of the task's functions, each called with d1's column names
     columns = {key: [prompts[i][key] for i in prompt_indices for _ in range(args.num_generations)]
-               for key in record_columns(prompts[0])}
+               for key in data.record_columns(prompts[0])}
     per_function = {fn.__name__: torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, _ in reward_functions}
     reward = sum(w * per_function[fn.__name__] for fn, w in reward_functions)  # (N,)
 

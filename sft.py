@@ -38,7 +38,7 @@ from tqdm import tqdm
 import data
 import ddp
 import model as M
-from evaluate import EVAL_DEFAULTS, evaluate_examples, test_examples
+from evaluate import evaluate_examples, test_examples
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -188,7 +188,7 @@ def collate(indices):
     return torch.tensor(rows, device=device), torch.tensor(prompt_lengths, device=device)
 
 
-eval_settings = EVAL_DEFAULTS.get(args.task, EVAL_DEFAULTS["default"])
+eval_settings = data.generation_defaults(args.task)
 
 # -----------------------------------------------------------------------------
 # Optimiser and resume

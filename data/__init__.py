@@ -32,6 +32,23 @@ from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_exampl
 
 TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")
 DEFAULT_DATA_DIR = "data/files"
+# the sampler's settings per task: d1's evaluation (gen_length 128/256/512, block_length 32, steps = gen_length / 2),
+# and the tiny task's answer, 19 characters + EOS: one block of 20
+GENERATION_DEFAULTS = {
+    "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
+    "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
+}
+RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth", "canvas")
+
+
+def generation_defaults(task):
+    """gen_length, block_length, steps and evaluation batch_size of a task."""
+    return GENERATION_DEFAULTS.get(task, GENERATION_DEFAULTS["default"])
+
+
+def record_columns(example):
+    """The columns a reward function or rewards.score reads from a record (d1's names)."""
+    return {k: v for k, v in example.items() if k not in RECORD_KEYS}
 
 
 def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limit=None, seed=0,

@@ -30,9 +30,10 @@ import shutil
 import pytest
 import torch
 
+import data
 import evaluate
 import model as M
-from generate import generate
+from generate import generate, left_pad
 from helpers import assert_clean_error, digit_checkpoint, run_script, tiny_checkpoint
 
 LIMIT = 16
@@ -88,8 +89,8 @@ def test_one_generations_file_per_model_in_d1_format(models, one_process):
     examples = evaluate.test_examples("tiny_sudoku", "data/files", LIMIT)
     tokenizer = M.load_tokenizer(models[0])
     for name, path in files_by_model(out, models).items():
-        data = load(path)
-        items = data["generations"]
+        written = load(path)
+        items = written["generations"]
         assert len(items) == LIMIT
         for item, example in zip(items, examples):
             assert set(item) >= ITEM_KEYS and all(isinstance(item[k], str) for k in ITEM_KEYS)
@@ -97,11 +98,11 @@ def test_one_generations_file_per_model_in_d1_format(models, one_process):
             assert item["ground_truth"] == example["ground_truth"]
             assert item["prompt_input"] == tokenizer.decode(
                 M.encode_prompt(tokenizer, example["prompt"], example["prefill"]))
-        defaults = evaluate.EVAL_DEFAULTS["tiny_sudoku"]
+        defaults = data.generation_defaults("tiny_sudoku")
         for key in ("gen_length", "steps", "block_length"):
-            assert data[key] == defaults[key]
-        assert data["metrics"]["count"] == LIMIT and 0.0 <= data["metrics"]["accuracy"] <= 1.0
-        assert f"_{data['gen_length']}_{data['steps']}_0_generations.json" in path
+            assert written[key] == defaults[key]
+        assert written["metrics"]["count"] == LIMIT and 0.0 <= written["metrics"]["accuracy"] <= 1.0
+        assert f"_{written['gen_length']}_{written['steps']}_0_generations.json" in path
 
 
 def test_rescoring_the_file_gives_the_printed_accuracy(models, one_process, tmp_path):
@@ -195,7 +196,7 @@ def test_completion_is_independent_of_batch_companions(tokenizer):
 
     # the mask is what makes it so: the same padded batch without it changes the first completion
     prompts = [M.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in (examples[0], longer)]
-    ids, attention_mask = evaluate.left_pad(prompts, tokenizer.eos_token_id, "cpu")
+    ids, attention_mask = left_pad(prompts, tokenizer.eos_token_id, "cpu")
     assert attention_mask is not None and attention_mask[0].sum() == len(prompts[0]) < ids.shape[1]
     assert torch.equal(ids[0, -len(prompts[0]):], torch.tensor(prompts[0]))
     unmasked = generate(model, ids, 20, 20, 20, 0.0, mask_id=M.mask_token_id(tokenizer))
