@@ -29,7 +29,7 @@ import data
 import ddp
 import model as M
 import rewards
-from generate import completion_text, generate, left_pad
+from generate import generate, left_pad, read_completions
 
 parser = argparse.ArgumentParser(description="Bias, variance and cost of grpo.py's log-likelihood estimators.")
 parser.add_argument("--model", default="out/sft", help="a trained checkpoint folder (sft.py's --out-dir)")
@@ -52,7 +52,7 @@ torch.manual_seed(args.seed)
 
 tokenizer = M.load_tokenizer(args.model)
 model = M.load_model(args.model).eval()
-mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
+mask_id = M.mask_token_id(tokenizer)
 defaults = data.generation_defaults(args.task)
 gen_length = defaults["gen_length"]
 split = "rl" if args.task == "tiny_sudoku" else "train"
@@ -70,15 +70,10 @@ with torch.no_grad():
                          generator=ddp.generator(args.seed, 0), canvas=canvas)
 N, prompt_length = sequences.shape[0], prompt_ids.shape[1]
 targets = sequences[:, prompt_length:]
-# the actions: sampled tokens up to and including the first stop token, never the canvas's given cells
-is_stop = torch.isin(targets, torch.tensor(stop_ids))
-actions = (is_stop.cumsum(dim=1) - is_stop.long()) == 0
-if canvas is not None:
-    actions &= canvas == mask_id
+actions, texts = read_completions(tokenizer, targets, canvas, mask_id)  # as grpo.py reads its rollouts
 is_prompt = torch.ones_like(sequences, dtype=torch.bool)
 is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
 attention_mask = None if prompt_mask is None else torch.cat([prompt_mask, torch.ones_like(targets)], dim=1)
-texts = [completion_text(tokenizer, row, stop_ids) for row in targets]
 columns = {key: [e[key] for e in examples] for key in data.record_columns(examples[0])}
 reward = sum(w * torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, w in rewards.reward_functions(args.task))
 grouped = reward.view(-1, args.num_generations)

@@ -197,6 +197,17 @@ def forward_passes_per_token(stats):
     return stats["row_forward_passes"] / max(stats["generated_tokens"], 1)
 
 
+def read_completions(tokenizer, completion_ids, canvas, mask_id):
+    """How d1 reads sampled completions (N, gen_length): the mask (N, gen_length) of the tokens up to and including
+    the first EOS, less the given tokens of an infilling canvas (the policy's actions are what it sampled), and the
+    reward texts, each whole completion decoded with special tokens dropped."""
+    is_eos = completion_ids == tokenizer.eos_token_id
+    completion_mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # no EOS strictly before
+    if canvas is not None:
+        completion_mask &= canvas == mask_id
+    return completion_mask, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
 def completion_text(tokenizer, completion_ids, stop_ids):
     """Decode a completion cut before its first stop token (EOS / end-of-turn)."""
     ids = completion_ids.tolist()

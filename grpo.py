@@ -71,7 +71,7 @@ import ddp
 import model as M
 import rewards
 from evaluate import evaluate_examples, test_examples
-from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad
+from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad, read_completions
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -319,13 +319,7 @@ def rollout(step, prompt_indices):
                 cache=args.rollout_cache, threshold=args.rollout_threshold, stats=sampler_stats))
     sequences = torch.cat(outputs)
     completion_ids = sequences[:, prompt_ids.shape[1]:]
-    is_eos = completion_ids == tokenizer.eos_token_id
-    # as d1: keep tokens up to and including the first EOS (positions with no EOS strictly before them), and give
-    # the rewards the text of the whole completion with special tokens dropped
-    completion_mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
-    if canvas is not None:  # the policy's actions are the tokens it sampled, not the canvas it was given
-        completion_mask &= canvas == mask_id
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completion_mask, texts = read_completions(tokenizer, completion_ids, canvas, mask_id)  # as d1 reads them
     return sequences, prompt_mask, canvas, completion_mask, texts
 
 

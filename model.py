@@ -703,14 +703,6 @@ def adapter_state(model):
     return state
 
 
-def set_adapter_state(model, state):
-    """Copy adapter tensors (adapter_state's names) into the model's LoRA modules."""
-    with torch.no_grad():
-        for name, m in lora_modules(model):
-            m.lora_A.copy_(state[peft_name(name, "lora_A")])
-            m.lora_B.copy_(state[peft_name(name, "lora_B")])
-
-
 def save_adapter(model, path, base_model_name_or_path, extra_files=None):
     """Save the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
     if not hasattr(model, "lora_config"):
