@@ -1,5 +1,5 @@
 """
-Distributed training by hand, on torch.distributed, plus the small helpers every stage shares.
+Distributed training by hand, on torch.distributed: the process group, collectives, and sharding.
 
 The same script runs three ways:
     python sft.py                                        # one process, no process group (world 1)
@@ -13,15 +13,11 @@ before rank 0 prints them, and rank 0 alone writes files.
 """
 
 import contextlib
-import json
-import math
 import os
-import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -67,7 +63,7 @@ def cleanup():
         dist.barrier()
         dist.destroy_process_group()
         # gloo's worker thread may still be freeing tensors of the last collective; if the interpreter is
-        # already shutting down it cannot take the GIL and aborts the process (~5% of CPU runs): let it finish
+        # already shutting down it cannot take the GIL and aborts the process (some CPU runs did): let it finish
         time.sleep(0.2)
 
 
@@ -90,6 +86,13 @@ def stop_on_sigterm():
 
 def sigterm_received():
     return _sigterm["received"]
+
+
+def exit_after_preemption(step):
+    """Every rank, once the checkpoint of `step` is saved: say how to continue, and exit with status 0."""
+    print0(f"SIGTERM: stopped after step {step} and saved its checkpoint; the same command with --resume continues")
+    cleanup()
+    raise SystemExit(0)
 
 
 def print0(*args, **kwargs):
@@ -248,98 +251,3 @@ def gather_objects(obj):
 def shard(items, rank, world_size):
     """The items rank `rank` owns: every world_size-th one, starting at rank."""
     return items[rank::world_size]
-
-
-# -----------------------------------------------------------------------------
-# Seeding, RNG state and rank-0 logging, shared by the stage scripts
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed, rank):
-    """The global RNGs' seed of a rank, for randomness that must differ across ranks (LoRA dropout in SFT):
-    rank 0 keeps the run's seed, so a one-process run is unchanged. Whatever must agree across ranks (init,
-    masks, rollout noise) is drawn from explicit generators, never from these RNGs."""
-    return seed if rank == 0 else derive_seed(seed, rank)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def log_jsonl(path, record):
-    """Append one metrics record to a JSONL file (rank 0 only)."""
-    if rank() != 0:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def step_indices(step, batch_size, num_items, seed):
-    """The item indices of optimiser step `step`: consecutive slices of a permutation drawn per epoch from
-    (seed, epoch). A pure function of the step, so resuming needs no data-loader state."""
-    start = step * batch_size
-    indices = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), num_items)
-        order = torch.randperm(num_items, generator=generator(seed, epoch))
-        indices += order[offset: offset + batch_size - len(indices)].tolist()
-    return indices
-
-
-def truncate_jsonl(path, step):
-    """Drop the records after `step` from a metrics JSONL (rank 0): on resume, the steps a killed run
-    logged after its last checkpoint are computed again, and must not appear twice."""
-    if rank() != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def derive_seed(*numbers):
-    """A 63-bit seed from a tuple such as (seed, step, example, sample): randomness that depends on what is
-    being computed, not on which rank computes it or on what ran before (runs reproduce at any world size)."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def generator(*numbers, device="cpu"):
-    return torch.Generator(device).manual_seed(derive_seed(*numbers))
-
-
-def autocast(device):
-    """bf16 autocast on GPUs; plain fp32 on CPUs (bf16 matmuls are ~17x slower on this kind of CPU)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def learning_rate(step, max_lr, warmup_steps, max_steps, schedule):
-    """Linear warm-up over warmup_steps, then constant, linear decay to 0 (the Trainer default d1's SFT
-    used) or cosine decay to 10% of max_lr at max_steps. A pure function of the step, so resuming needs
-    only the step."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    if schedule == "constant":
-        return max_lr
-    if schedule == "linear":
-        return max_lr * (1 - progress)
-    return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -25,9 +25,9 @@ import time
 
 import torch
 
+import checkpoint as C
 import data
-import ddp
-import model as M
+import grpo
 import rewards
 from generate import generate, left_pad, read_completions
 
@@ -50,16 +50,16 @@ torch.manual_seed(args.seed)
 # -----------------------------------------------------------------------------
 # The model and one fixed batch of rollouts (grpo.py's rollouts at its first step, on one process)
 
-tokenizer = M.load_tokenizer(args.model)
-model = M.load_model(args.model).eval()
-mask_id = M.mask_token_id(tokenizer)
+tokenizer = C.load_tokenizer(args.model)
+model = C.load_model(args.model).eval()
+mask_id = C.mask_token_id(tokenizer)
 defaults = data.generation_defaults(args.task)
 gen_length = defaults["gen_length"]
 split = "rl" if args.task == "tiny_sudoku" else "train"
 prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
-examples = [prompts[i] for i in ddp.step_indices(0, args.prompts, len(prompts), args.seed)
+examples = [prompts[i] for i in data.step_indices(0, args.prompts, len(prompts), args.seed)
             for _ in range(args.num_generations)]
-prompt_ids, prompt_mask = left_pad([M.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in examples],
+prompt_ids, prompt_mask = left_pad([data.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in examples],
                                    tokenizer.eos_token_id, "cpu")
 canvas = None
 if examples[0].get("canvas") is not None:
@@ -67,7 +67,7 @@ if examples[0].get("canvas") is not None:
 with torch.no_grad():
     sequences = generate(model, prompt_ids, defaults["steps"], gen_length, min(defaults["block_length"], gen_length),
                          args.temperature, mask_id=mask_id, attention_mask=prompt_mask,
-                         generator=ddp.generator(args.seed, 0), canvas=canvas)
+                         generator=data.generator(args.seed, 0), canvas=canvas)
 N, prompt_length = sequences.shape[0], prompt_ids.shape[1]
 targets = sequences[:, prompt_length:]
 actions, texts = read_completions(tokenizer, targets, canvas, mask_id)  # as grpo.py reads its rollouts
@@ -88,10 +88,10 @@ print(f"{N} rollouts ({args.prompts} prompts x G={args.num_generations}) from {a
 def estimate(estimator, seed):
     g = torch.Generator().manual_seed(seed)
     if estimator == "d1":
-        perturbed = M.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
-        return M.token_logprobs(model(perturbed, attention_mask, slice(prompt_length, None)), targets)
-    inputs, weights = M.coupled_estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
-    return M.coupled_logprobs(model, inputs, weights, sequences, attention_mask, prompt_length)
+        perturbed = grpo.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
+        return grpo.token_logprobs(model(perturbed, attention_mask, slice(prompt_length, None)), targets)
+    inputs, weights = grpo.coupled_estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
+    return grpo.coupled_logprobs(model, inputs, weights, sequences, attention_mask, prompt_length)
 
 
 def reference(seed):
@@ -104,7 +104,7 @@ def reference(seed):
     masked = actions & (order < num_masked)
     noisy = sequences.clone()
     noisy[:, prompt_length:] = torch.where(masked, mask_id, targets)
-    logp = M.token_logprobs(model(noisy, attention_mask, slice(prompt_length, None)), targets)
+    logp = grpo.token_logprobs(model(noisy, attention_mask, slice(prompt_length, None)), targets)
     return logp * masked * (num_actions / num_masked)
 
 

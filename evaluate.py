@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint as C
 import data
 import ddp
 import model as M
@@ -172,9 +173,9 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
     sampler's cache and threshold (generate's fast-sampler options) with its forward_passes_per_token, and
     for Sudoku valid_rate (complete valid grids that keep the given cells)."""
     rank, world = ddp.rank(), ddp.world_size()
-    mask_id, stop_ids = M.mask_token_id(tokenizer), M.stop_token_ids(tokenizer)
+    mask_id, stop_ids = C.mask_token_id(tokenizer), C.stop_token_ids(tokenizer)
     mine = list(range(len(examples)))[rank::world]
-    prompts = {i: M.encode_prompt(tokenizer, examples[i]["prompt"], examples[i]["prefill"]) for i in mine}
+    prompts = {i: data.encode_prompt(tokenizer, examples[i]["prompt"], examples[i]["prefill"]) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     completions, lengths, stats = {}, {}, {}
     t0 = time.time()
@@ -185,7 +186,7 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
         canvases = [data.encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
         canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
         try:
-            with ddp.autocast(device):
+            with M.autocast(device):
                 out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
                                attention_mask=attention_mask, canvas=canvas, cache=cache, threshold=threshold,
                                stats=stats)
@@ -245,7 +246,7 @@ def model_names(paths):
 def write_generations(path, examples, result, tokenizer, settings):
     """One file in d1's generations JSON format, plus the settings, metrics and wall time."""
     items = [{"question": ex["question"],
-              "prompt_input": tokenizer.decode(M.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])),
+              "prompt_input": tokenizer.decode(data.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])),
               "generations": text, "ground_truth": ex["ground_truth"]}
              for ex, text in zip(examples, result["completions"])]
     metrics = {k: v for k, v in result.items() if k != "completions"}
@@ -307,8 +308,8 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     summary = {}
     for model_path, name in zip(args.model, model_names(args.model)):
-        tokenizer = M.load_tokenizer(model_path)
-        model = M.load_model(model_path, device, dtype).eval()
+        tokenizer = C.load_tokenizer(model_path)
+        model = C.load_model(model_path, device, dtype).eval()
         ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
         result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
         del model

@@ -249,9 +249,9 @@ def bench(args):
     """Prints one table: plain, prefix and dual cache, each without and with threshold decoding, on
     (a) a random ~60M model at d1's rollout shape (speed) and (b) a trained tiny_sudoku checkpoint
     (--bench-model; held-out accuracy and tokens identical to the plain sampler's)."""
+    import checkpoint as C
     import data
     import evaluate
-    import model as M
 
     modes = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
     name = lambda cache, threshold: ("plain" if cache == "none" else cache) + (  # noqa: E731
@@ -261,7 +261,7 @@ def bench(args):
     print(header + "\n" + "-" * len(header), flush=True)
 
     B, Lp, gen_length, block_length, steps, temperature = BENCH_SPEED_SHAPE
-    model = M.build_model("bench-60m").eval()
+    model = C.build_model("bench-60m").eval()
     workload = f"(a) bench-60m random B{B} {Lp}+{gen_length}"
     prompt = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp), generator=torch.Generator().manual_seed(0))
     model(prompt)  # warm-up
@@ -279,7 +279,7 @@ def bench(args):
     if args.bench_model is None:
         print("(b) skipped: pass --bench-model DIR, a trained tiny_sudoku checkpoint (e.g. `python sft.py`'s out/sft)")
         return
-    model, tokenizer = M.load_model(args.bench_model).eval(), M.load_tokenizer(args.bench_model)
+    model, tokenizer = C.load_model(args.bench_model).eval(), C.load_tokenizer(args.bench_model)
     examples = evaluate.test_examples("tiny_sudoku", "data/files")
     q = BENCH_QUALITY_SHAPE
     workload = f"(b) {os.path.basename(os.path.normpath(args.bench_model))} {len(examples)} held-out"
@@ -331,8 +331,8 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if not args.model or args.prompt is None:
         parser.error("--model and --prompt are required (or --bench)")
+    import checkpoint as C
     import data
-    import model as M
 
     # the task's sampler lengths (tiny_sudoku: one block of 20, the grid and its EOS), else a chat answer's
     lengths = data.generation_defaults(args.task) if args.task else {"gen_length": 128, "block_length": 32, "steps": 64}
@@ -340,10 +340,10 @@ if __name__ == "__main__":
     block_length = args.block_length or min(lengths["block_length"], gen_length)
     steps = args.steps or lengths["steps"]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = M.load_model(args.model, args.device, dtype).eval()
-    tokenizer = M.load_tokenizer(args.model)
+    model = C.load_model(args.model, args.device, dtype).eval()
+    tokenizer = C.load_tokenizer(args.model)
     user = args.prompt.replace("\\n", "\n")
-    prompt = M.encode_prompt(tokenizer, [{"role": "user", "content": user}], args.prefill)
+    prompt = data.encode_prompt(tokenizer, [{"role": "user", "content": user}], args.prefill)
     prompt_ids = torch.tensor([prompt], device=args.device)
     canvas = None
     if args.task == "tiny_sudoku":
@@ -357,4 +357,4 @@ if __name__ == "__main__":
         out = generate(model, prompt_ids, steps, gen_length, block_length, args.temperature,
                        args.cfg_scale, args.remasking, model.cfg.mask_token_id, canvas=canvas,
                        generator=torch.Generator(args.device).manual_seed(args.seed))
-    print(completion_text(tokenizer, out[0, prompt_ids.shape[1]:], M.stop_token_ids(tokenizer)))
+    print(completion_text(tokenizer, out[0, prompt_ids.shape[1]:], C.stop_token_ids(tokenizer)))

@@ -618,5 +618,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not args.bench:
         parser.error("nothing to do: pass --bench")
-    import hostile    # the benchmark lives with the hostile corpus it times
+    import hostile  # the benchmark lives with the hostile corpus it times
     hostile.bench(args.num_completions)

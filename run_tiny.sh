@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole d1 pipeline on the tiny default, on a laptop CPU (10-20 minutes on 2 cores):
+# The whole d1 pipeline on the tiny default, on a laptop CPU (the README gives its time):
 #   data (generated 4x4 Sudoku) -> sft.py -> grpo.py -> the baseline: SFT continued for GRPO's wall time
 #   -> evaluate.py on the held-out puzzles -> the table "sft | sft-continued | grpo" and a plot.
 # SFT sees demonstrations from only 16 of the 240 training grids; GRPO sees prompts from all 240 and

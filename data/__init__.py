@@ -26,6 +26,9 @@ Generated splits (tiny_sudoku; sudoku and countdown "train") are drawn from `see
 read in file order and `limit` keeps the first records.
 """
 
+import numpy as np
+import torch
+
 from data.countdown import countdown_examples
 from data.sudoku import CANVAS_BLANK, EMPTY, TINY_NUM_SFT_GRIDS, check_puzzle, sudoku_examples, tiny_sudoku_examples
 from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
@@ -79,6 +82,13 @@ def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limi
     return s1k_examples(split, data_dir=data_dir, style=style, limit=limit)
 
 
+def encode_prompt(tokenizer, messages, prefill=""):
+    """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's evaluation
+    appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+
 def sft_tokens(tokenizer, example):
     """(prompt_ids, response_ids) of one SFT example, before truncation and padding.
 
@@ -89,10 +99,8 @@ def sft_tokens(tokenizer, example):
     canvas) are built as the sampler reads them: the prompt with its generation header, then the completion and
     one EOS, position for position the canvas the sampler starts from.
     """
-    import model as M  # the tokenizer helpers
-
     if example.get("canvas") is not None:
-        prompt_ids = M.encode_prompt(tokenizer, example["prompt"], example["prefill"])
+        prompt_ids = encode_prompt(tokenizer, example["prompt"], example["prefill"])
         response_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return prompt_ids, response_ids
     reply = [{"role": "assistant", "content": example["prefill"] + example["completion"]}]
@@ -126,3 +134,29 @@ def tiny_sudoku_canvas(puzzle):
         raise ValueError(f"a tiny_sudoku puzzle is 4 rows of 4 digits (0 = blank), got {puzzle!r}")
     check_puzzle("".join(rows))
     return puzzle.replace(EMPTY, CANVAS_BLANK)
+
+
+# -----------------------------------------------------------------------------
+# Which examples a step uses, and the noise it draws: functions of (seed, step, ...), never of what ran before or
+# of which rank computes them, so that a run resumes without data-loader state and reproduces at any world size
+
+
+def derive_seed(*numbers):
+    """A 63-bit seed from a tuple such as (seed, step, example, sample)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*numbers, device="cpu"):
+    return torch.Generator(device).manual_seed(derive_seed(*numbers))
+
+
+def step_indices(step, batch_size, num_items, seed):
+    """The item indices of optimiser step `step`: consecutive slices of a permutation drawn per epoch from
+    (seed, epoch)."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_items)
+        order = torch.randperm(num_items, generator=generator(seed, epoch))
+        indices += order[offset: offset + batch_size - len(indices)].tolist()
+    return indices

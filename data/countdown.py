@@ -10,7 +10,7 @@ import itertools
 import random
 from fractions import Fraction
 
-from data.text_tasks import SYSTEM_PROMPT, make_record, missing_file_error, read_jsonl
+from data.text_tasks import SYSTEM_PROMPT, make_record, read_jsonl, read_test_file
 
 NUM_NUMBERS = 3
 NUMBER_RANGE = (1, 100)            # d1's test set: numbers and targets both in 1..100
@@ -138,12 +138,7 @@ def countdown_examples(split, *, data_dir, style, limit, seed):
         n = DEFAULT_GENERATED_EXAMPLES if limit is None else limit
         problems = make_countdown_problems(n, seed=f"countdown/train/{seed}")
     elif split == "test":
-        path = f"{data_dir}/{COUNTDOWN_TEST_FILE}"
-        try:
-            pairs = load_countdown_jsonl(path)
-        except FileNotFoundError:
-            raise missing_file_error("countdown", path) from None
-        pairs = pairs[:limit] if limit is not None else pairs
+        pairs = read_test_file("countdown", f"{data_dir}/{COUNTDOWN_TEST_FILE}", load_countdown_jsonl, limit)
         problems = [(numbers, target, solve_countdown(numbers, target)) for numbers, target in pairs]
     else:
         raise ValueError(f"countdown has splits 'train' and 'test', got {split!r}")

@@ -70,7 +70,7 @@ def _save_shards(shards, data_dir, stem):
         destination = os.path.join(data_dir, stem + ext)
         shutil.copyfile(shards[0], destination)
         return destination
-    import pyarrow.parquet as pq   # several shards: only parquet datasets come sharded
+    import pyarrow.parquet as pq  # several shards: only parquet datasets come sharded
     destination = os.path.join(data_dir, stem + ".jsonl")
     with open(destination + ".tmp", "w", encoding="utf-8") as f:
         for shard in sorted(shards):

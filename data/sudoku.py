@@ -19,7 +19,7 @@ that agree with it.
 import csv
 import random
 
-from data.text_tasks import make_record, missing_file_error
+from data.text_tasks import make_record, read_test_file
 
 # ---------------------------------------------------------------------------------------------------
 # Grids
@@ -206,12 +206,7 @@ def sudoku_examples(split, *, data_dir, style, limit, seed):
         n = DEFAULT_GENERATED_EXAMPLES if limit is None else limit
         pairs = make_puzzles(_GRIDS, n, lo, hi, seed=f"sudoku/train/{seed}")
     elif split == "test":
-        path = f"{data_dir}/{SUDOKU_TEST_FILE}"
-        try:
-            pairs = load_sudoku_csv(path)
-        except FileNotFoundError:
-            raise missing_file_error("sudoku", path) from None
-        pairs = pairs[:limit] if limit is not None else pairs
+        pairs = read_test_file("sudoku", f"{data_dir}/{SUDOKU_TEST_FILE}", load_sudoku_csv, limit)
     else:
         raise ValueError(f"sudoku has splits 'train' and 'test', got {split!r}")
     records = []

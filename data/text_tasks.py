@@ -46,26 +46,15 @@ Your reasoning here
 </answer>
 """
 
-# d1's evaluation prompts (eval/gsm8k.py, eval/math500.py), verbatim. The MATH500 one really ends
-# in `</answer>" \n` (a stray quote in d1); we keep it, since evaluation must see d1's prompt.
-GSM_SYSTEM_PROMPT = """You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final answer in a \\boxed{}. 
-Respond in the following format:
-<reasoning>
-Your reasoning here
-</reasoning>
-<answer>
-\\boxed{...}
-</answer>"""
-
-MATH500_SYSTEM_PROMPT = """You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final answer in a \\boxed{}.
-Respond in the following format:
-<reasoning>
-Your reasoning here
-</reasoning>
-<answer>
-\\boxed{...}
-</answer>" 
-"""
+# d1's evaluation prompts (eval/gsm8k.py, eval/math500.py), character for character: they differ only in a space
+# before the first newline (GSM8K) and in MATH500's ending `</answer>" \n`, a stray quote in d1 that we keep,
+# since evaluation must see d1's prompt.
+_BOXED_TASK = ("You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final "
+               "answer in a \\boxed{}.")
+_BOXED_FORMAT = ("Respond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n<answer>\n"
+                 "\\boxed{...}\n</answer>")
+GSM_SYSTEM_PROMPT = _BOXED_TASK + " \n" + _BOXED_FORMAT
+MATH500_SYSTEM_PROMPT = _BOXED_TASK + "\n" + _BOXED_FORMAT + '" \n'
 
 # d1's MATH training prompt adds this instruction after SYSTEM_PROMPT (note the space before \n\n).
 MATH_TRAIN_INSTRUCTION = (
@@ -141,13 +130,28 @@ def read_parquet(path):
     return list(enumerate(pq.read_table(path).to_pylist(), start=1))
 
 
-def read_task_file(task, data_dir, stem):
-    """(path, [(line_number, record), ...]) for `data_dir/stem.jsonl`, else `.parquet`."""
+def read_task_file(task, data_dir, split, limit, splits=("train", "test")):
+    """(path, [(line_number, record), ...]) of split's file, `data_dir/<task>_<split>.jsonl`, else `.parquet`;
+    the first `limit` records."""
+    if split not in splits:
+        raise ValueError(f"{task} has the splits {', '.join(map(repr, splits))}, got {split!r}")
+    stem = f"{task}_{split}"
     for ext, reader in ((".jsonl", read_jsonl), (".parquet", read_parquet)):
         path = os.path.join(data_dir, stem + ext)
         if os.path.exists(path):
-            return path, reader(path)
+            rows = reader(path)
+            return path, rows if limit is None else rows[:limit]
     raise missing_file_error(task, os.path.join(data_dir, stem + ".jsonl"))
+
+
+def read_test_file(task, path, read, limit):
+    """read(path), d1's test file of a generated task, with the message that says how to get it when it is missing;
+    the first `limit` records."""
+    try:
+        records = read(path)
+    except FileNotFoundError:
+        raise missing_file_error(task, path) from None
+    return records if limit is None else records[:limit]
 
 
 def field(path, line_number, record, name, kinds):
@@ -158,10 +162,6 @@ def field(path, line_number, record, name, kinds):
     if not isinstance(value, kinds):
         raise ValueError(f"{path}:{line_number}: field {name!r} has type {type(value).__name__}")
     return value
-
-
-def _take(rows, limit):
-    return rows if limit is None else rows[:limit]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,11 +176,9 @@ def gsm8k_final_answer(solution):
 
 
 def gsm8k_examples(split, *, data_dir, style, limit):
-    if split not in ("train", "test"):
-        raise ValueError(f"gsm8k has splits 'train' and 'test', got {split!r}")
-    path, rows = read_task_file("gsm8k", data_dir, f"gsm8k_{split}")
+    path, rows = read_task_file("gsm8k", data_dir, split, limit)
     records = []
-    for line_number, row in _take(rows, limit):
+    for line_number, row in rows:
         question = field(path, line_number, row, "question", str)
         solution = field(path, line_number, row, "answer", str)
         answer = gsm8k_final_answer(solution)
@@ -213,11 +211,9 @@ def gsm8k_examples(split, *, data_dir, style, limit):
 def math500_examples(split, *, data_dir, style, limit):
     """MATH problems. The answer column is the `answer` field when the file has one (MATH-500),
     else the last \\boxed{} of the solution (ankner/math-500, whose answer d1 reads the same way)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"math500 has splits 'train' and 'test', got {split!r}")
-    path, rows = read_task_file("math500", data_dir, f"math500_{split}")
+    path, rows = read_task_file("math500", data_dir, split, limit)
     records = []
-    for line_number, row in _take(rows, limit):
+    for line_number, row in rows:
         problem = field(path, line_number, row, "problem", str)
         solution = field(path, line_number, row, "solution", str)
         if "answer" in row:
@@ -246,13 +242,11 @@ def s1k_examples(split, *, data_dir, style, limit):
     """s1K's 1000 reasoning traces as d1's SFT uses them: the completion is
     `<reasoning>{thinking}</reasoning>\\n<answer>{attempt}</answer>` (no newlines inside the tags,
     as in d1's SFT/sft_trainer.py), `thinking` being the first trajectory when there is a list."""
-    if split != "train":
-        raise ValueError(f"s1k has only the split 'train', got {split!r}")
     if style != "train":
         raise ValueError("s1k is an SFT data set: it has only style='train'")
-    path, rows = read_task_file("s1k", data_dir, "s1k_train")
+    path, rows = read_task_file("s1k", data_dir, split, limit, splits=("train",))
     records = []
-    for line_number, row in _take(rows, limit):
+    for line_number, row in rows:
         question = field(path, line_number, row, "question", str)
         thinking = field(path, line_number, row, "thinking_trajectories", (list, str))
         if isinstance(thinking, list):

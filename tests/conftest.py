@@ -14,17 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import checkpoint as C
 import model as M  # noqa: E402
 
-# One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine a second
-# thread that is not scheduled stalls every parallel op (measured: 16 ms per 32x32 matmul under load).
+# One intra-op thread: the tiny models gain nothing from more, and on a busy machine a second thread that
+# is not scheduled stalls every parallel op.
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The character-level tokenizer of the tiny tasks (built offline, no download)."""
-    return M.build_tiny_tokenizer()
+    return C.build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def make_config(tokenizer):
     def make(**overrides):
         fields = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                       vocab_size=len(tokenizer), embedding_size=len(tokenizer), rope_theta=10000.0,
-                      max_sequence_length=128, mask_token_id=M.mask_token_id(tokenizer),
+                      max_sequence_length=128, mask_token_id=C.mask_token_id(tokenizer),
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, init_std=0.1)
         fields.update(overrides)
         return M.ModelConfig(**fields)

@@ -9,6 +9,7 @@ say (the tests pass folders under tmp_path).
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -24,12 +25,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import model as M  # noqa: E402
+import checkpoint as C  # noqa: E402
+
 
 RUN_TIMEOUT_S = 300  # a hung collective fails the test instead of hanging the suite
 # variables of an enclosing torchrun would turn a one-process run into a rank of someone else's group
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                          "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def expected_lr(step, peak, warmup_steps, total_steps, schedule):
+    """The learning-rate schedule the stage scripts document, written out: linear warm-up over warmup_steps, then
+    constant, linear decay to 0 at total_steps, or cosine decay to 10% of the peak there."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "constant":
+        return peak
+    if schedule == "linear":
+        return peak * (1 - done)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
 
 
 def script_env():
@@ -138,7 +153,7 @@ def assert_stopped_cleanly_by_sigterm(run, out, max_steps):
     assert match, run.describe()
     stopped = int(match.group(1))
     assert 1 <= stopped < max_steps
-    assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{stopped:06d}"
+    assert checkpoints(out)[-1] == f"{C.CHECKPOINT_PREFIX}{stopped:06d}"
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, stopped + 1))
     assert not (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert run.output.count("Traceback") == run.output.count("SignalException: Process"), run.describe()
@@ -160,8 +175,8 @@ def assert_clean_error(run, *fragments):
 
 def tiny_checkpoint(path, seed=0):
     """The random `tiny` preset saved in LLaDA's layout, with its tokenizer; returns path as a string."""
-    tokenizer = M.build_tiny_tokenizer()
-    M.save_model(M.build_model("tiny", tokenizer, seed=seed), tokenizer, str(path))
+    tokenizer = C.build_tiny_tokenizer()
+    C.save_model(C.build_model("tiny", tokenizer, seed=seed), tokenizer, str(path))
     return str(path)
 
 
@@ -171,14 +186,14 @@ def digit_checkpoint(path, seed=0):
     some cells right by chance, so groups have a reward spread and the policy gradient is not zero.
     (Embedding column 0 gets a large constant, so the final norm's output is dominated by that column;
     only the LM head rows of '1'..'4' read it.)"""
-    tokenizer = M.build_tiny_tokenizer()
-    model = M.build_model("tiny", tokenizer, seed=seed)
+    tokenizer = C.build_tiny_tokenizer()
+    model = C.build_model("tiny", tokenizer, seed=seed)
     digits = tokenizer.convert_tokens_to_ids(list("1234"))
     with torch.no_grad():
         model.wte.weight[:, 0] += 10.0
         model.ff_out.weight[:, 0] = 0.0
         model.ff_out.weight[digits, 0] = 1.0
-    M.save_model(model, tokenizer, str(path))
+    C.save_model(model, tokenizer, str(path))
     return str(path)
 
 
@@ -193,7 +208,7 @@ def read_metrics(out_dir):
 
 def parameters(path):
     """{name: tensor} of the model a folder holds (a full checkpoint, or an adapter on its base)."""
-    return {name: p.detach() for name, p in M.load_model(str(path)).named_parameters()}
+    return {name: p.detach() for name, p in C.load_model(str(path)).named_parameters()}
 
 
 def max_difference(a, b):
@@ -212,7 +227,7 @@ def checkpoints(out_dir):
     """The checkpoint-XXXXXX folder names of out_dir, sorted."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(n for n in os.listdir(out_dir) if n.startswith(M.CHECKPOINT_PREFIX))
+    return sorted(n for n in os.listdir(out_dir) if n.startswith(C.CHECKPOINT_PREFIX))
 
 
 # the files of a full model folder in LLaDA's layout, as the stage scripts write it

@@ -6,8 +6,8 @@ something, and `data.encode_canvas` turns a record's canvas text into those star
 
 import torch
 
+import checkpoint as C
 import data
-import model as M
 from generate import generate
 
 
@@ -24,12 +24,12 @@ class CountingModel(torch.nn.Module):
 
 
 def test_canvas_tokens_are_kept_and_only_masks_are_filled():
-    tokenizer = M.build_tiny_tokenizer()
-    model = CountingModel(M.build_model("tiny", tokenizer, seed=3).eval())
-    mask_id = M.mask_token_id(tokenizer)
+    tokenizer = C.build_tiny_tokenizer()
+    model = CountingModel(C.build_model("tiny", tokenizer, seed=3).eval())
+    mask_id = C.mask_token_id(tokenizer)
     example = data.load_examples("tiny_sudoku", "test", limit=4)[0]
     canvas = torch.tensor([data.encode_canvas(tokenizer, example, 20, mask_id)] * 3)
-    prompt = torch.tensor([M.encode_prompt(tokenizer, example["prompt"])] * 3)
+    prompt = torch.tensor([data.encode_prompt(tokenizer, example["prompt"])] * 3)
     out = generate(model, prompt, steps=20, gen_length=20, block_length=20, temperature=1.0, mask_id=mask_id,
                    generator=torch.Generator().manual_seed(0), canvas=canvas)
     completion = out[:, prompt.shape[1]:]
@@ -41,9 +41,9 @@ def test_canvas_tokens_are_kept_and_only_masks_are_filled():
 
 
 def test_an_all_mask_canvas_is_the_plain_sampler():
-    tokenizer = M.build_tiny_tokenizer()
-    model = M.build_model("tiny", tokenizer, seed=4).eval()
-    mask_id = M.mask_token_id(tokenizer)
+    tokenizer = C.build_tiny_tokenizer()
+    model = C.build_model("tiny", tokenizer, seed=4).eval()
+    mask_id = C.mask_token_id(tokenizer)
     prompt = torch.randint(10, 40, (2, 6), generator=torch.Generator().manual_seed(1))
     plain = generate(model, prompt, 8, 8, 4, mask_id=mask_id)
     canvas = generate(model, prompt, 8, 8, 4, mask_id=mask_id, canvas=torch.full((2, 8), mask_id))
@@ -51,8 +51,8 @@ def test_an_all_mask_canvas_is_the_plain_sampler():
 
 
 def test_encode_canvas():
-    tokenizer = M.build_tiny_tokenizer()
-    mask_id = M.mask_token_id(tokenizer)
+    tokenizer = C.build_tiny_tokenizer()
+    mask_id = C.mask_token_id(tokenizer)
     example = data.load_examples("tiny_sudoku", "sft", limit=1)[0]
     ids = data.encode_canvas(tokenizer, example, 24, mask_id)
     blanks = example["puzzle"].count("0")

@@ -10,13 +10,14 @@ import random
 from fractions import Fraction
 
 import pytest
+import torch
 
+import data
 import rewards
 from data import TASKS, load_examples
 from data.countdown import load_countdown_jsonl, make_countdown_problems, solve_countdown
 from data.prepare import prepare
-from data.sudoku import (all_grids, count_solutions, is_solution_grid, load_sudoku_csv, make_puzzles,
-                         split_grids)
+from data.sudoku import all_grids, count_solutions, is_solution_grid, load_sudoku_csv, make_puzzles, split_grids
 
 RECORD_KEYS = {"prompt", "prefill", "completion", "question", "ground_truth"}
 
@@ -317,3 +318,13 @@ def test_prepare_offline_prints_what_to_download(tmp_path, monkeypatch, capsys):
     assert "dllm-reasoning/d1" in capsys.readouterr().out
     (tmp_path / "countdown_cd3_test.jsonl").write_text('{"input": "1,2,3", "output": "6"}\n')
     assert prepare("countdown", str(tmp_path)) == 0
+
+
+def test_derived_seeds_and_generators():
+    # pinned values: a resumed run and every rank must draw what the first run drew, in any process
+    assert data.derive_seed(1, 2, 3) == 6498626229777268288
+    seeds = {data.derive_seed(0, step, example) for step in range(20) for example in range(20)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+    assert data.derive_seed(1, 2) != data.derive_seed(2, 1)
+    assert torch.rand(4, generator=data.generator(7, 1)).tolist() == pytest.approx([0.6296906, 0.2163504, 0.7208009,
+                                                                                   0.5624869], abs=1e-6)

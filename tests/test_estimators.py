@@ -12,12 +12,13 @@ Guards the likelihood estimators and objectives beyond d1 (grpo.py --estimator, 
   micro-batches that split a group add up to the whole batch's loss;
 - for each estimator x objective, on a toy group of two completions with advantages +1 and -1, the gradient is
   finite and one small SGD step raises the positive completion's estimated log-likelihood relative to the
-  negative one (measured on 32 fixed mask draws, the training draw among them);
+  negative one (on 32 fixed mask draws, the training draw among them);
 - estimator_stats.py runs on a tiny checkpoint and prints finite figures for both estimators and the
   forward-pass counts;
 - grpo.py end to end: --estimator coupled with mu 2 and beta > 0 (old, reference and current log-probs on the
-  same coupled masks: the first ratio exactly 1), and --objective wd1 with --estimator coupled (KL and clip
-  fraction 0, the model moves); --objective wd1 refuses --beta with a clean message.
+  same coupled masks: the first ratio exactly 1; 12 forward passes per step), and --objective wd1 with --estimator
+  coupled (the current policy's passes alone: 4 per step; the model moves); --objective wd1 refuses --beta with
+  a clean message.
 The default path (d1's estimator, the grpo objective) is guarded by test_grpo.py.
 """
 
@@ -25,9 +26,9 @@ import math
 
 import pytest
 import torch
-
-import model as M
 from helpers import assert_clean_error, digit_checkpoint, max_difference, parameters, read_metrics, run_script
+
+import grpo
 
 MASK_ID = 5
 PROMPT_LENGTH = 12
@@ -50,7 +51,7 @@ def toy_batch(rows=4, length=24, seed=0):
 @pytest.mark.parametrize("p_mask_prompt", [0.0, 0.15])
 def test_coupled_masks_are_complementary_over_the_actions(p_mask_prompt):
     x, is_prompt = toy_batch(rows=256, length=40)
-    inputs, weights = M.coupled_estimator_input(x, is_prompt, p_mask_prompt, MASK_ID, torch.Generator().manual_seed(3))
+    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, p_mask_prompt, MASK_ID, torch.Generator().manual_seed(3))
     assert inputs.shape == (2, *x.shape) and weights.shape == (2, *x.shape)
     first, second = inputs[0] == MASK_ID, inputs[1] == MASK_ID
     actions = ~is_prompt
@@ -66,7 +67,7 @@ def test_coupled_masks_are_complementary_over_the_actions(p_mask_prompt):
         assert torch.equal(inputs[p][kept], x[kept])
     # weights: 1/(2t) on pass 1's masked actions, 1/(2(1 - t)) on pass 2's, 0 elsewhere (the prompt included)
     assert torch.equal(weights[0] > 0, first & actions) and torch.equal(weights[1] > 0, second & actions)
-    low, high = M.COUPLED_MASK_RATIO_RANGE
+    low, high = grpo.COUPLED_MASK_RATIO_RANGE
     t_seen = []
     for row in range(len(x)):
         w1, w2 = weights[0, row][weights[0, row] > 0], weights[1, row][weights[1, row] > 0]
@@ -85,7 +86,7 @@ def test_coupled_masks_are_a_function_of_the_seed():
     x, is_prompt = toy_batch()
 
     def draw(seed):
-        return M.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(seed))
+        return grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(seed))
 
     assert all(torch.equal(a, b) for a, b in zip(draw(7), draw(7)))
     assert not torch.equal(draw(7)[0], draw(8)[0])
@@ -94,9 +95,9 @@ def test_coupled_masks_are_a_function_of_the_seed():
 def test_coupled_logprobs_read_each_token_from_the_pass_that_masked_it(make_model):
     model = make_model(seed=1)
     x, is_prompt = toy_batch(rows=3)
-    inputs, weights = M.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(0))
+    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = M.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
+        fast = grpo.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
         passes = [torch.log_softmax(model(inputs[p]), dim=-1) for p in range(2)]  # (N, L, V) each
     assert fast.shape == (3, x.shape[1] - PROMPT_LENGTH)
     for i in range(3):
@@ -134,14 +135,14 @@ def test_wd1_loss_equals_slow_reference():
     mask = (torch.rand(G * groups, T, generator=g) > 0.3).double()
     advantages = torch.tensor([[1.5, -0.5, -0.5, -0.5], [0.0, 0.0, 0.0, 0.0], [0.7, 0.2, -0.4, -0.5]],
                               dtype=torch.float64)
-    weights = M.wd1_weights(advantages).reshape(-1, 1)
-    loss = M.wd1_loss(logp, mask, weights, groups)
+    weights = grpo.wd1_weights(advantages).reshape(-1, 1)
+    loss = grpo.wd1_loss(logp, mask, weights, groups)
     expected = slow_wd1_loss(logp.tolist(), mask.tolist(), advantages.reshape(-1).tolist(), G)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert (weights.view(groups, G)[1] == 0).all()  # a group with equal rewards teaches nothing
     # micro-batches that split groups (the loop's loss / number of micro-batches) add up to the whole loss
     halves = [slice(0, 6), slice(6, 12)]
-    split = sum(M.wd1_loss(logp[mb], mask[mb], weights[mb], 6 / G) / len(halves) for mb in halves)
+    split = sum(grpo.wd1_loss(logp[mb], mask[mb], weights[mb], 6 / G) / len(halves) for mb in halves)
     assert split.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
@@ -153,10 +154,10 @@ def estimate(model, estimator, x, is_prompt, seed):
     """Per-token log-probs (N, T) of the completions by `estimator` on the mask drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
     if estimator == "d1":
-        perturbed = M.estimator_input(x, is_prompt, 0.15, MASK_ID, g)
-        return M.token_logprobs(model(perturbed, None, slice(PROMPT_LENGTH, None)), x[:, PROMPT_LENGTH:])
-    inputs, weights = M.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, g)
-    return M.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
+        perturbed = grpo.estimator_input(x, is_prompt, 0.15, MASK_ID, g)
+        return grpo.token_logprobs(model(perturbed, None, slice(PROMPT_LENGTH, None)), x[:, PROMPT_LENGTH:])
+    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, g)
+    return grpo.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
 
 
 @pytest.mark.parametrize("estimator", ["d1", "coupled"])
@@ -177,9 +178,9 @@ def test_one_step_raises_the_positive_completion(make_model, estimator, objectiv
     before = margin()
     logp = estimate(model, estimator, x, is_prompt, seed=0)
     if objective == "grpo":  # mu = 1: old = logp, ratio 1
-        loss, _, _ = M.grpo_loss(logp, logp.detach(), None, advantages, mask, 0.5, 0.5, 0.0)
+        loss, _, _ = grpo.grpo_loss(logp, logp.detach(), None, advantages, mask, 0.5, 0.5, 0.0)
     else:
-        loss = M.wd1_loss(logp, mask, M.wd1_weights(advantages.view(1, -1)).view(-1, 1), 1)
+        loss = grpo.wd1_loss(logp, mask, grpo.wd1_weights(advantages.view(1, -1)).view(-1, 1), 1)
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -211,16 +212,17 @@ def test_grpo_with_coupled_masks(start, tmp_path):
     # old and current log-probs read the same two coupled passes: the first ratio is exactly 1
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     assert records[-1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["update_forward_passes"] == 12 for r in records)  # mu 2 x (old, reference, current) x 2 passes
 
 
 def test_wd1_with_coupled_masks(start, tmp_path):
     out = tmp_path / "wd1"
-    run = run_script("grpo.py", "--model", start, *TINY, "--objective", "wd1", "--estimator", "coupled",
-                     "--num-iterations", 2, "--out-dir", out)
-    assert '"beta": 0.0' in run.output  # no reference policy
+    run_script("grpo.py", "--model", start, *TINY, "--objective", "wd1", "--estimator", "coupled",
+               "--num-iterations", 2, "--out-dir", out)
     records = read_metrics(out)
-    assert len(records) == 2
-    assert all(r["kl"] == 0.0 and r["clip_ratio"] == 0.0 and math.isfinite(r["loss"]) for r in records)
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    # ratio-free: no old and no reference log-probs, only the current policy's 2 coupled passes per iteration
+    assert all(r["update_forward_passes"] == 4 for r in records)
     assert max_difference(parameters(out), parameters(start)) > 0
 
 

@@ -29,12 +29,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_clean_error, digit_checkpoint, run_script, tiny_checkpoint
 
+import checkpoint as C
 import data
 import evaluate
-import model as M
 from generate import generate, left_pad
-from helpers import assert_clean_error, digit_checkpoint, run_script, tiny_checkpoint
 
 LIMIT = 16
 ITEM_KEYS = {"question", "prompt_input", "generations", "ground_truth"}
@@ -87,7 +87,7 @@ def load(path):
 def test_one_generations_file_per_model_in_d1_format(models, one_process):
     out, _ = one_process
     examples = evaluate.test_examples("tiny_sudoku", "data/files", LIMIT)
-    tokenizer = M.load_tokenizer(models[0])
+    tokenizer = C.load_tokenizer(models[0])
     for name, path in files_by_model(out, models).items():
         written = load(path)
         items = written["generations"]
@@ -97,7 +97,7 @@ def test_one_generations_file_per_model_in_d1_format(models, one_process):
             assert item["question"] == example["question"]  # test-set order
             assert item["ground_truth"] == example["ground_truth"]
             assert item["prompt_input"] == tokenizer.decode(
-                M.encode_prompt(tokenizer, example["prompt"], example["prefill"]))
+                data.encode_prompt(tokenizer, example["prompt"], example["prefill"]))
         defaults = data.generation_defaults("tiny_sudoku")
         for key in ("gen_length", "steps", "block_length"):
             assert written[key] == defaults[key]
@@ -163,7 +163,8 @@ def test_models_with_the_same_folder_name_keep_separate_results(models, tmp_path
     files = glob.glob(os.path.join(out, "*_generations.json"))
     assert len(files) == 2, f"two models, {len(files)} generation file(s): {files}"
     lines = run.stdout.splitlines()
-    assert any(line.startswith("held-out accuracy (%)") for line in lines), run.stdout
+    table = lines.index("held-out accuracy (%) on tiny_sudoku, 2 examples")
+    assert [name.strip() for name in lines[table + 1].split("|")] == ["seed0/grpo", "seed1/grpo"]
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
@@ -184,7 +185,7 @@ def test_rescore_without_generation_files_errors(tmp_path):
 
 
 def test_completion_is_independent_of_batch_companions(tokenizer):
-    model = M.build_model("tiny", tokenizer, seed=0).eval()
+    model = C.build_model("tiny", tokenizer, seed=0).eval()
     examples = evaluate.test_examples("tiny_sudoku", "data/files", 2)
     longer = copy.deepcopy(examples[1])
     longer["prompt"][0]["content"] += "\n1234\n4321\n1111"  # 15 more tokens: the first prompt gets left-padded
@@ -195,11 +196,11 @@ def test_completion_is_independent_of_batch_companions(tokenizer):
     assert alone["completions"][0] == together["completions"][0]
 
     # the mask is what makes it so: the same padded batch without it changes the first completion
-    prompts = [M.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in (examples[0], longer)]
+    prompts = [data.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in (examples[0], longer)]
     ids, attention_mask = left_pad(prompts, tokenizer.eos_token_id, "cpu")
     assert attention_mask is not None and attention_mask[0].sum() == len(prompts[0]) < ids.shape[1]
     assert torch.equal(ids[0, -len(prompts[0]):], torch.tensor(prompts[0]))
-    unmasked = generate(model, ids, 20, 20, 20, 0.0, mask_id=M.mask_token_id(tokenizer))
+    unmasked = generate(model, ids, 20, 20, 20, 0.0, mask_id=C.mask_token_id(tokenizer))
     assert tokenizer.decode(unmasked[0, ids.shape[1]:], skip_special_tokens=False) != alone["completions"][0]
 
 
@@ -225,7 +226,7 @@ def test_sudoku_subset_is_d1s_choice(tmp_path):
 
 def test_stored_generation_is_the_whole_canvas_text(tokenizer):
     """d1 decodes all gen_length tokens (skip_special_tokens=False) and scores that text."""
-    model = M.build_model("tiny", tokenizer, seed=0).eval()
+    model = C.build_model("tiny", tokenizer, seed=0).eval()
     examples = evaluate.test_examples("tiny_sudoku", "data/files", 1)
     result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, gen_length=24, steps=24,
                                         block_length=24, batch_size=1, progress=False)
@@ -238,7 +239,7 @@ def test_fast_sampler_options_are_recorded(models, tokenizer):
     """cache/threshold reach the sampler: the result records them and the forward passes per generated token;
     with one step per token (steps = gen_length) the plain sampler needs one pass per token (cached ones too),
     threshold decoding fewer (the digit writer spreads its confidence over 4 digits)."""
-    model = M.load_model(models[1]).eval()
+    model = C.load_model(models[1]).eval()
     examples = evaluate.test_examples("tiny_sudoku", "data/files", 3)
     settings = dict(gen_length=20, steps=20, block_length=5, batch_size=1, progress=False)
     plain = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, **settings)

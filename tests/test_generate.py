@@ -20,8 +20,9 @@ import sys
 import pytest
 import torch
 
+import checkpoint as C
+import data
 import generate as G
-import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +53,14 @@ def random_prompts(model, B, Lp, seed):
     prompts = torch.randint(0, model.cfg.vocab_size, (B, Lp), generator=g)
     prompts[prompts == model.cfg.mask_token_id] = 0
     return prompts
+
+
+def padded_prompts(model, B, Lp, seed, row, pads):
+    """Random prompts (B, Lp) and their attention mask, with row `row` left-padded by `pads` tokens."""
+    prompts = random_prompts(model, B, Lp, seed)
+    attention_mask = torch.ones_like(prompts)
+    attention_mask[row, :pads] = 0
+    return prompts, attention_mask
 
 
 # -----------------------------------------------------------------------------
@@ -194,9 +203,14 @@ def test_random_remasking_at_temperature_zero(make_model):
     model = sampler_model(make_model, seed=6)
     mask_id = model.cfg.mask_token_id
     prompts = random_prompts(model, 2, 4, seed=2)
-    out = G.generate(model, prompts, 6, 12, 6, remasking="random", mask_id=mask_id,
-                     generator=torch.Generator().manual_seed(0))
+    def run(remasking, seed):
+        return G.generate(model, prompts, 6, 12, 6, remasking=remasking, mask_id=mask_id,
+                          generator=torch.Generator().manual_seed(seed))
+
+    out = run("random", 0)
     assert out.shape == (2, 16) and not (out == mask_id).any()
+    # the commit order is drawn from the generator, not from the confidence: it changes what the model sees
+    assert not torch.equal(out, run("random", 1)) and not torch.equal(out, run("low_confidence", 0))
 
 
 class FixedLogitsModel(torch.nn.Module):
@@ -238,9 +252,7 @@ def test_left_padding_hidden_by_attention_mask(make_model):
     """Changing the padded tokens of a left-padded prompt changes nothing once attention_mask hides them."""
     model = sampler_model(make_model, seed=8)
     mask_id = model.cfg.mask_token_id
-    prompts = random_prompts(model, 2, 6, seed=4)
-    attention_mask = torch.ones_like(prompts)
-    attention_mask[0, :2] = 0
+    prompts, attention_mask = padded_prompts(model, 2, 6, seed=4, row=0, pads=2)
     other = prompts.clone()
     other[0, :2] = (prompts[0, :2] + 5) % model.cfg.vocab_size
     for cfg_scale in (0.0, 1.0):
@@ -272,7 +284,7 @@ def test_num_transfer_tokens_hand_example():
 def test_completion_text_cuts_at_the_first_stop_id(tokenizer):
     ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    stops = M.stop_token_ids(tokenizer)
+    stops = C.stop_token_ids(tokenizer)
     assert G.completion_text(tokenizer, torch.tensor(ids("12") + [eos] + ids("34") + [eot]), stops) == "12"
     assert G.completion_text(tokenizer, torch.tensor(ids("a b") + [eot, eos] + ids("c")), stops) == "a b"
     assert G.completion_text(tokenizer, torch.tensor(ids("1\n2")), stops) == "1\n2"
@@ -284,23 +296,23 @@ def test_completion_text_cuts_at_the_first_stop_id(tokenizer):
 
 
 def test_cli_samples_from_a_saved_checkpoint(tokenizer, tmp_path):
-    model = M.build_model("tiny", tokenizer, seed=0)
+    model = C.build_model("tiny", tokenizer, seed=0)
     with torch.no_grad():  # zero rows: stop and mask tokens never win the argmax, so the text is not empty
-        for i in M.stop_token_ids(tokenizer) + [M.mask_token_id(tokenizer)]:
+        for i in C.stop_token_ids(tokenizer) + [C.mask_token_id(tokenizer)]:
             model.ff_out.weight[i] = 0
     path = str(tmp_path / "ckpt")
-    M.save_model(model, tokenizer, path)
+    C.save_model(model, tokenizer, path)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "generate.py", "--model", path, "--prompt", "12", "--gen-length", "8",
                              "--block-length", "4", "--steps", "4", "--device", "cpu"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     # the same sampling in process
-    loaded = M.load_model(path).eval()
-    prompt = torch.tensor([M.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])])
+    loaded = C.load_model(path).eval()
+    prompt = torch.tensor([data.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])])
     out = G.generate(loaded, prompt, 4, 8, 4, mask_id=loaded.cfg.mask_token_id,
                      generator=torch.Generator().manual_seed(0))
-    expected = G.completion_text(tokenizer, out[0, prompt.shape[1]:], M.stop_token_ids(tokenizer))
+    expected = G.completion_text(tokenizer, out[0, prompt.shape[1]:], C.stop_token_ids(tokenizer))
     assert len(expected) > 0
     assert result.stdout.endswith(expected + "\n")
 

@@ -26,8 +26,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
-import ddp  # noqa: E402
+import data  # noqa: E402
+import grpo  # noqa: E402
 import model as M  # noqa: E402
+import sft  # noqa: E402
 from generate import generate  # noqa: E402
 
 GIB = 2**30
@@ -102,9 +104,9 @@ def random_ids(cfg, shape, device, seed):
 
 
 def sample(model, shape, prompt_ids, device):
-    with torch.no_grad(), ddp.autocast(device):
+    with torch.no_grad(), M.autocast(device):
         return generate(model, prompt_ids, shape.diffusion_steps, shape.gen_length, shape.block_length, 0.9,
-                        mask_id=shape.config.mask_token_id, generator=ddp.generator(0, device=device))
+                        mask_id=shape.config.mask_token_id, generator=data.generator(0, device=device))
 
 
 def grpo_update(model, shape, sequences, optimizer, device):
@@ -114,12 +116,12 @@ def grpo_update(model, shape, sequences, optimizer, device):
     completions = sequences[:, Lp:]
     is_prompt = torch.zeros_like(sequences, dtype=torch.bool)
     is_prompt[:, :Lp] = True
-    perturbed = [M.estimator_input(sequences, is_prompt, shape.p_mask_prompt, shape.config.mask_token_id,
-                                   ddp.generator(0, k)) for k in range(shape.num_iterations)]
+    perturbed = [grpo.estimator_input(sequences, is_prompt, shape.p_mask_prompt, shape.config.mask_token_id,
+                                   data.generator(0, k)) for k in range(shape.num_iterations)]
 
     def logprobs(x):
-        with ddp.autocast(device):
-            return M.token_logprobs(model(x, positions=slice(Lp, None)), completions)
+        with M.autocast(device):
+            return grpo.token_logprobs(model(x, positions=slice(Lp, None)), completions)
 
     with torch.no_grad():
         old = [logprobs(x) for x in perturbed]
@@ -129,7 +131,7 @@ def grpo_update(model, shape, sequences, optimizer, device):
     mask = torch.ones_like(completions, dtype=torch.float32)
     losses = []
     for k in range(shape.num_iterations):
-        loss, _, _ = M.grpo_loss(logprobs(perturbed[k]), old[k], ref[k], advantages, mask, 0.5, 0.5, shape.beta)
+        loss, _, _ = grpo.grpo_loss(logprobs(perturbed[k]), old[k], ref[k], advantages, mask, 0.5, 0.5, shape.beta)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,12 +145,12 @@ def sft_step(model, shape, device):
     cfg = shape.config
     input_ids = random_ids(cfg, (1, shape.sft_tokens), device, seed=2)
     prompt_lengths = torch.tensor([shape.sft_prompt], device=device)
-    noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, cfg.mask_token_id,
+    noisy, masked, p = sft.forward_mask(input_ids, prompt_lengths, cfg.mask_token_id,
                                       generator=torch.Generator().manual_seed(3))
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-    with ddp.autocast(device):
+    with M.autocast(device):
         logits = model(noisy, positions=slice(shape.sft_prompt, None))
-    loss = M.sft_loss(logits, input_ids, masked, p, prompt_lengths, shape.sft_prompt)
+    loss = sft.sft_loss(logits, input_ids, masked, p, prompt_lengths, shape.sft_prompt)
     loss.backward()
     optimizer.step()
     return loss.item()

@@ -1,5 +1,5 @@
 """
-Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo.py` run as a subprocess.
+Guards stage 2, diffu-GRPO: `grpo_loss` and `estimator_input` from grpo.py, and `grpo.py` run as a subprocess.
 
 - grpo_loss equals a slow reference written here with Python loops over rows and tokens (loss, KL, clip
   fraction, and the gradient with respect to the log-probs), on hand-made numbers: advantages of both signs
@@ -17,7 +17,7 @@ Guards stage 2, diffu-GRPO: `model.grpo_loss`, `model.estimator_input` and `grpo
   exact resume of that run: 3 uninterrupted steps vs 2 steps then the same command with `--max-steps 3
   --resume` (the final checkpoint of the 2-step run is its step-2 state): bitwise equal parameters;
   (b) + (d) + (e) LoRA with mu = 1 and beta > 0 (a crash in d1) and --sync-ref-every 1: an adapter folder
-      that model.load_model loads on its base, a KL against the reference, a mixed reference adapter; its
+      that checkpoint.load_model loads on its base, a KL against the reference, a mixed reference adapter; its
       rollouts use the fast sampler (--rollout-cache dual --rollout-threshold): fewer forward passes per token;
   (c) + (f) beta = 0 (KL exactly 0 in every record) with --scale-rewards group, run over 2 gloo ranks,
       which keep the parameters identical;
@@ -38,12 +38,14 @@ import shutil
 
 import pytest
 import torch
+from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, assert_stopped_cleanly_by_sigterm,
+                     checkpoints, digit_checkpoint, expected_lr, max_difference, parameters, read_metrics, run_script,
+                     run_two_nodes, run_with_sigterm)
 
+import checkpoint as C
 import model as M
 import rewards
-from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, assert_stopped_cleanly_by_sigterm,
-                     checkpoints, digit_checkpoint, max_difference, parameters, read_metrics, run_script,
-                     run_two_nodes, run_with_sigterm)
+from grpo import estimator_input, grpo_loss
 
 # mu 2 and beta > 0 pinned (the paths under test); temperature pinned so that groups have a reward spread
 TINY = ["--prompts-per-step", 2, "--num-generations", 4, "--num-iterations", 2, "--beta", 0.04,
@@ -107,7 +109,7 @@ def test_grpo_loss_equals_slow_reference(beta):
     mask = torch.tensor(MASK, dtype=torch.float64)
 
     x = logp.clone().requires_grad_(True)
-    loss, kl, clip_fraction = M.grpo_loss(x, old_logp, ref_logp if beta > 0 else None, advantages, mask,
+    loss, kl, clip_fraction = grpo_loss(x, old_logp, ref_logp if beta > 0 else None, advantages, mask,
                                           epsilon, epsilon_high, beta)
     loss.backward()
     want_loss, want_kl, want_clip, want_grad = slow_grpo_loss(
@@ -127,8 +129,8 @@ def test_grpo_loss_epsilon_high_is_the_upper_bound():
     logp = torch.zeros(1, 1, dtype=torch.float64)
     old = logp - math.log(1.25)
     one = torch.ones(1, 1, dtype=torch.float64)
-    _, _, clipped_low = M.grpo_loss(logp, old, None, one, one, 0.2, 0.2, 0.0)
-    _, _, clipped_high = M.grpo_loss(logp, old, None, one, one, 0.2, 0.28, 0.0)
+    _, _, clipped_low = grpo_loss(logp, old, None, one, one, 0.2, 0.2, 0.0)
+    _, _, clipped_high = grpo_loss(logp, old, None, one, one, 0.2, 0.28, 0.0)
     assert float(clipped_low) == 1.0 and float(clipped_high) == 0.0
 
 
@@ -157,7 +159,7 @@ def conditioning(x, canvas_columns=()):
 def test_estimator_input_masks_the_completion_and_a_fraction_of_the_prompt(p_mask_prompt):
     x = sequences()
     is_prompt = conditioning(x, canvas_columns=(105, 110))
-    out = M.estimator_input(x, is_prompt, p_mask_prompt, MASK_ID, torch.Generator().manual_seed(1))
+    out = estimator_input(x, is_prompt, p_mask_prompt, MASK_ID, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert (out[~is_prompt] == MASK_ID).all()  # every completion token (the policy's actions) masked
     masked = out == MASK_ID
@@ -176,7 +178,7 @@ def test_estimator_input_is_a_function_of_the_seed():
     is_prompt = conditioning(x)
 
     def draw(seed, p=0.15):
-        return M.estimator_input(x, is_prompt, p, MASK_ID, torch.Generator().manual_seed(seed))
+        return estimator_input(x, is_prompt, p, MASK_ID, torch.Generator().manual_seed(seed))
 
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
@@ -218,7 +220,7 @@ def check_records(out, steps, evaluated=True):
 
 
 def trainer_state(out):
-    return M.load_trainer_state(str(out / checkpoints(out)[-1]))["trainer_state"]
+    return C.load_trainer_state(str(out / checkpoints(out)[-1]))["trainer_state"]
 
 
 def distance(a, b):
@@ -255,6 +257,9 @@ def test_default_path(default_run, start):
     # the digit model earns rewards with a spread inside groups, so advantages and the update are not zero
     assert any(r["reward_std"] > 0 for r in records) and all(r["grad_norm"] > 0 for r in records)
     assert max(r["kl"] for r in records) > 0  # beta > 0: the reference is read, and the policy moved from it
+    assert all(r["update_forward_passes"] == 6 for r in records)  # mu 2 x (old, reference, current)
+    # the schedule: 5 warm-up optimiser steps, then cosine over 3 x mu 2; a record holds its last inner step's lr
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(2 * s + 1, 3e-4, 5, 6, "cosine") for s in range(3)])
     assert all(0 <= r["clip_ratio"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 for r in records)
     # tiny_sudoku is infilling: the policy's tokens are the blank cells alone (6..10), not the given cells
     assert all(0 < r["completion_length"] <= 10 for r in records)
@@ -262,7 +267,7 @@ def test_default_path(default_run, start):
     assert "eval_accuracy" in records[-1]
     for name in LLADA_LAYOUT + ("training_args.json",):
         assert (out / name).is_file()
-    assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{3:06d}"
+    assert checkpoints(out)[-1] == f"{C.CHECKPOINT_PREFIX}{3:06d}"
     assert max_difference(parameters(out), parameters(start)) > 0
     assert "done: model in" in run.stdout
     # a line every --log-every steps (default 10) and at the last step
@@ -287,11 +292,11 @@ def test_resume_is_bitwise_exact(default_run, two_steps, start, workdir):
     """Run B, second half: the same command with --max-steps 3 --resume: step 3 is recomputed from the saved
     weights, optimizer, RNG, synced reference and step alone, and must equal run A's."""
     (reference, _), (half, _) = default_run, two_steps
-    assert checkpoints(half) == [f"{M.CHECKPOINT_PREFIX}{2:06d}"]
+    assert checkpoints(half) == [f"{C.CHECKPOINT_PREFIX}{2:06d}"]
     out = workdir / "resumed"
     shutil.copytree(half, out)
     run = grpo(start, out, *DEFAULT, "--max-steps", 3, "--resume")
-    assert f"resumed from {os.path.join(str(out), M.CHECKPOINT_PREFIX + '000002')} at step 2" in run.output
+    assert f"resumed from {os.path.join(str(out), C.CHECKPOINT_PREFIX + '000002')} at step 2" in run.output
     check_records(out, 3)
     assert_bitwise_equal(parameters(out), parameters(reference))
 
@@ -303,19 +308,21 @@ def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
     out = workdir / "lora"
     grpo(start, out, "--lora-r", 4, "--num-iterations", 1, "--sync-ref-every", 1, "--max-steps", 2,
          "--eval-examples", 0, "--save-every", 0, "--max-prompt-length", 12, "--rollout-cache", "dual",
-         "--rollout-threshold", 0.2)
+         "--rollout-threshold", 0.2, "--lr-schedule", "constant", "--warmup-steps", 1)
     records = check_records(out, 2, evaluated=False)
+    assert [r["lr"] for r in records] == pytest.approx([3e-4, 3e-4])  # d1's schedule: constant after warm-up
+    assert all(r["update_forward_passes"] == 2 for r in records)  # mu 1: no old pass; reference and current
     assert all(r["prompt_length"] == 12 for r in records)
     # the digit writer is >= 0.2 confident of a digit in every blank: all of a rollout's blanks in one
     # pass (the plain sampler: one pass per blank of its longest row, more than 1 per token)
     assert all(0 < r["rollout_forward_passes_per_token"] < 0.5 for r in records)
     assert records[-1]["kl"] > 0  # the reference pass ran with mu = 1 and differs from the moved policy
-    assert M.is_adapter(str(out)) and os.path.samefile(M.adapter_base(str(out)), start)
-    tuned, base = M.load_model(str(out)), M.load_model(start)
+    assert C.is_adapter(str(out)) and os.path.samefile(C.adapter_base(str(out)), start)
+    tuned, base = C.load_model(str(out)), C.load_model(start)
     assert M.lora_modules(tuned)
     assert_bitwise_equal({n: p for n, p in tuned.named_parameters() if "lora_" not in n},
                          dict(base.named_parameters()))
-    adapter = M.adapter_state(tuned)
+    adapter = C.adapter_state(tuned)
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters trained
     # the synced reference: per adapted layer a dense delta that mixes the policy's deltas, nearer them than zero
     reference = trainer_state(out)["ref_deltas"]
@@ -336,12 +343,12 @@ def two_ranks(start, workdir):
 
 
 def test_two_ranks_with_beta_0_and_group_scaled_rewards(two_ranks):
-    """2 gloo ranks keep the parameters identical; beta 0 skips the reference (c: KL exactly 0 in every
-    record); --scale-rewards group (f) runs."""
+    """2 gloo ranks keep the parameters identical; beta 0 skips the reference pass (c); --scale-rewards group (f)
+    runs."""
     out, run = two_ranks
     assert "parameters identical on all 2 ranks" in run.output
     records = check_records(out, 2)  # rank 0 alone writes
-    assert all(r["kl"] == 0.0 for r in records)
+    assert all(r["update_forward_passes"] == 4 for r in records)  # mu 2 x (old, current): no reference pass
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     assert "eval_accuracy" in records[-1]  # the held-out evaluation is sharded over the ranks too
     assert (out / "model.safetensors").is_file()
@@ -382,14 +389,12 @@ def fsdp_run(start, workdir):
 
 def test_fsdp_shards_the_reference_and_mixes_it_slice_by_slice(fsdp_run, start):
     """Under FSDP the policy and the reference are both sharded; the reference saved at step 3 (gathered) is
-    exactly alpha policy + (1 - alpha) start, as in the unsharded run (test_full_reference_sync_mixes_the_policy_in).
-    (Measured once by hand: such a run's parameters and records equal the same command without --fsdp bitwise;
-    with 2 ranks the averaged gradients are the same two-term sums.)"""
+    exactly alpha policy + (1 - alpha) start, as in the unsharded run (test_full_reference_sync_mixes_the_policy_in)."""
     out, run = fsdp_run
     records = check_records(out, 4)
     assert max(r["kl"] for r in records) > 0 and all(r["first_ratio_error"] == 0.0 for r in records)
-    step3 = out / f"{M.CHECKPOINT_PREFIX}000003"
-    reference = M.load_trainer_state(str(step3))["trainer_state"]["ref_model"]
+    step3 = out / f"{C.CHECKPOINT_PREFIX}000003"
+    reference = C.load_trainer_state(str(step3))["trainer_state"]["ref_model"]
     policy, initial = parameters(step3 / "model"), parameters(start)
     assert distance(policy, initial) > 0
     for name in policy:

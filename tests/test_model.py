@@ -1,5 +1,5 @@
 """
-Guards model.py: the LLaDA-compatible network and everything about its files.
+Guards model.py (the LLaDA-compatible network, LoRA) and checkpoint.py (everything about its files).
 
 - the forward pass: shapes (B, L, V), bidirectional attention, the key-padding attention mask, RMSNorm in
   fp32, RoPE's rotate-half layout, gradient checkpointing;
@@ -23,7 +23,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import checkpoint as C
+import data
+import grpo
 import model as M
+import sft
 
 PREFIX = "model.transformer."
 BLOCK_TENSORS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out")
@@ -194,7 +198,7 @@ def test_sharded_checkpoint_layout_and_exact_round_trip(make_model, tokenizer, t
     model = make_model(seed=1)
     cfg = model.cfg
     path = tmp_path / "ckpt"
-    M.save_model(model, tokenizer, str(path), max_shard_bytes=20_000, extra_files={"args.json": {"lr": 1e-3}})
+    C.save_model(model, tokenizer, str(path), max_shard_bytes=20_000, extra_files={"args.json": {"lr": 1e-3}})
 
     files = sorted(os.listdir(path))
     shards = [f for f in files if f.endswith(".safetensors")]
@@ -233,38 +237,38 @@ def test_sharded_checkpoint_layout_and_exact_round_trip(make_model, tokenizer, t
     assert index["metadata"]["total_size"] == total
 
     ids = random_ids(cfg, 2, 13)
-    loaded = M.load_model(str(path)).eval()
+    loaded = C.load_model(str(path)).eval()
     assert loaded.cfg == cfg
     assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
-    M.save_model(loaded, tokenizer, str(tmp_path / "again"), max_shard_bytes=20_000)
-    reloaded = M.load_model(str(tmp_path / "again")).eval()
+    C.save_model(loaded, tokenizer, str(tmp_path / "again"), max_shard_bytes=20_000)
+    reloaded = C.load_model(str(tmp_path / "again")).eval()
     assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
-    assert M.load_tokenizer(str(path))("12+3")["input_ids"] == tokenizer("12+3")["input_ids"]
+    assert C.load_tokenizer(str(path))("12+3")["input_ids"] == tokenizer("12+3")["input_ids"]
 
 
 def test_single_file_checkpoint_and_overwrite(make_model, tokenizer, tmp_path):
     model = make_model(seed=2)
     path = str(tmp_path / "ckpt")
-    M.save_model(model, tokenizer, path)
+    C.save_model(model, tokenizer, path)
     files = os.listdir(path)
     assert "model.safetensors" in files and "model.safetensors.index.json" not in files
     with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(llada_shapes(model.cfg.to_llada()))
     ids = random_ids(model.cfg, 2, 7)
-    assert torch.equal(logits_of(M.load_model(path).eval(), ids), logits_of(model, ids))
+    assert torch.equal(logits_of(C.load_model(path).eval(), ids), logits_of(model, ids))
     # writing over an existing checkpoint replaces it
     other = make_model(seed=3)
-    M.save_model(other, tokenizer, path)
-    assert torch.equal(logits_of(M.load_model(path).eval(), ids), logits_of(other, ids))
+    C.save_model(other, tokenizer, path)
+    assert torch.equal(logits_of(C.load_model(path).eval(), ids), logits_of(other, ids))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_load_model_converts_dtype(make_model, tokenizer, tmp_path):
     model = make_model()
-    M.save_model(model, tokenizer, str(tmp_path / "ckpt"))
-    loaded = M.load_model(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    C.save_model(model, tokenizer, str(tmp_path / "ckpt"))
+    loaded = C.load_model(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert all(torch.equal(p, q.bfloat16()) for p, q in zip(loaded.parameters(), model.parameters()))
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +359,7 @@ def test_hand_written_llada_checkpoint_matches_slow_reference(tmp_path):
     tensors = hand_tensors(config)
     path = str(tmp_path / "downloaded")
     write_checkpoint(path, config, tensors, num_shards=3)
-    model = M.load_model(path).eval()
+    model = C.load_model(path).eval()
     assert model.cfg.rope_theta == config["rope_theta"] and model.cfg.n_kv_heads == config["n_kv_heads"]
     ids = torch.randint(0, config["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
     logits = logits_of(model, ids)
@@ -369,7 +373,7 @@ def test_hand_written_single_file_checkpoint_loads(tmp_path):
     config = hand_config(n_kv_heads=4, embedding_size=50)
     tensors = hand_tensors(config, seed=1, dtype=torch.float32)
     write_checkpoint(str(tmp_path / "c"), config, tensors, num_shards=1)
-    model = M.load_model(str(tmp_path / "c")).eval()
+    model = C.load_model(str(tmp_path / "c")).eval()
     ids = torch.arange(12)[None]
     torch.testing.assert_close(logits_of(model, ids)[0].double(), reference_forward(tensors, config, ids[0]),
                                rtol=1e-4, atol=1e-4)
@@ -380,7 +384,7 @@ def test_config_without_mlp_hidden_size_uses_mlp_ratio(tmp_path):
     config = hand_config(mlp_hidden_size=None, mlp_ratio=2)
     tensors = hand_tensors(dict(config, mlp_hidden_size=2 * config["d_model"]), dtype=torch.float32)
     write_checkpoint(str(tmp_path / "c"), config, tensors, num_shards=1)
-    model = M.load_model(str(tmp_path / "c"))
+    model = C.load_model(str(tmp_path / "c"))
     assert model.cfg.mlp_hidden_size == 2 * config["d_model"]
 
 
@@ -390,7 +394,7 @@ def test_config_without_mlp_hidden_size_uses_mlp_ratio(tmp_path):
 
 def test_folder_without_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
 
 
 def test_missing_shard_listed_in_index(tmp_path):
@@ -398,7 +402,7 @@ def test_missing_shard_listed_in_index(tmp_path):
     write_checkpoint(str(tmp_path / "c"), config, hand_tensors(config), num_shards=2)
     os.remove(tmp_path / "c" / "model-00002-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
 
 
 def test_folder_without_weights(tmp_path):
@@ -406,7 +410,7 @@ def test_folder_without_weights(tmp_path):
     with open(tmp_path / "c" / "config.json", "w") as f:
         json.dump(hand_config(), f)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
 
 
 def test_tensor_with_wrong_shape_names_it_and_both_shapes(tmp_path):
@@ -417,7 +421,7 @@ def test_tensor_with_wrong_shape_names_it_and_both_shapes(tmp_path):
     tensors[key] = torch.zeros(good_shape[0] + 8, good_shape[1], dtype=torch.bfloat16)
     write_checkpoint(str(tmp_path / "c"), config, tensors, num_shards=2)
     with pytest.raises(ValueError) as err:
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
     message = str(err.value)
     assert key in message and str(good_shape) in message and str((good_shape[0] + 8, good_shape[1])) in message
 
@@ -429,7 +433,7 @@ def test_unknown_tensor_is_an_error(tmp_path, extra):
     tensors[extra] = torch.zeros(3)
     write_checkpoint(str(tmp_path / "c"), config, tensors, num_shards=1)
     with pytest.raises(KeyError, match=re.escape(extra)):
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
 
 
 def test_missing_tensor_is_an_error(tmp_path):
@@ -438,23 +442,23 @@ def test_missing_tensor_is_an_error(tmp_path):
     del tensors[PREFIX + "blocks.1.up_proj.weight"]
     write_checkpoint(str(tmp_path / "c"), config, tensors, num_shards=2)
     with pytest.raises(KeyError, match=re.escape(PREFIX + "blocks.1.up_proj.weight")):
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
 
 
 def test_unsupported_architecture_is_an_error(tmp_path):
     config = hand_config(weight_tying=True)
     write_checkpoint(str(tmp_path / "c"), config, hand_tensors(hand_config()), num_shards=1)
     with pytest.raises(ValueError, match="weight_tying"):
-        M.load_model(str(tmp_path / "c"))
+        C.load_model(str(tmp_path / "c"))
 
 
 def test_unknown_preset(tokenizer):
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        M.build_model("nope", tokenizer)
+        C.build_model("nope", tokenizer)
 
 
 def test_tiny_preset_takes_vocabulary_from_tokenizer(tokenizer):
-    model = M.build_model("tiny", tokenizer)
+    model = C.build_model("tiny", tokenizer)
     assert model.cfg.vocab_size == len(tokenizer)
     assert model.cfg.mask_token_id == tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
     assert model.cfg.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -476,13 +480,13 @@ def test_tokenizer_round_trip_one_token_per_character(tokenizer):
 
 
 def test_tokenizer_special_ids(tokenizer):
-    mask, eos = M.mask_token_id(tokenizer), tokenizer.eos_token_id
+    mask, eos = C.mask_token_id(tokenizer), tokenizer.eos_token_id
     assert mask == tokenizer.mask_token_id == tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
     assert eos == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert M.stop_token_ids(tokenizer) == sorted({eos, eot})
-    assert mask not in M.stop_token_ids(tokenizer)
-    specials = [tokenizer.convert_tokens_to_ids(t) for t in M.TINY_SPECIAL_TOKENS]
+    assert C.stop_token_ids(tokenizer) == sorted({eos, eot})
+    assert mask not in C.stop_token_ids(tokenizer)
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in C.TINY_SPECIAL_TOKENS]
     assert len(set(specials)) == len(specials) and tokenizer.unk_token_id in specials
     assert tokenizer("<|mdm_mask|>", add_special_tokens=False)["input_ids"] == [mask]
     for ch in "09+-*/=\n ":  # every character of the tasks is its own token, never a special one
@@ -493,9 +497,9 @@ def test_tokenizer_special_ids(tokenizer):
 def test_encode_prompt_applies_the_chat_template(tokenizer):
     ids_of = tokenizer.convert_tokens_to_ids
     chars = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    got = M.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])
+    got = data.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])
     assert got == [ids_of("<|startoftext|>"), ids_of("<|user|>")] + chars("12") + [ids_of("<|assistant|>")]
-    got = M.encode_prompt(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+    got = data.encode_prompt(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
                           prefill="<reasoning>")
     assert got == ([ids_of("<|startoftext|>"), ids_of("<|system|>")] + chars("s") + [ids_of("<|user|>")] + chars("q")
                    + [ids_of("<|assistant|>")] + chars("<reasoning>"))
@@ -506,26 +510,26 @@ def test_saved_tokenizer_reloads_identically(tokenizer, tmp_path):
 
     path = str(tmp_path / "tok")  # a tokenizer-only folder: no config.json
     os.makedirs(path)
-    M.save_tokenizer(tokenizer, path)
+    C.save_tokenizer(tokenizer, path)
     messages = [{"role": "user", "content": "1024\n0300"}]
-    for reloaded in (M.load_tokenizer(path), AutoTokenizer.from_pretrained(path)):
+    for reloaded in (C.load_tokenizer(path), AutoTokenizer.from_pretrained(path)):
         for text in TEXTS + ["<|mdm_mask|><|endoftext|>x"]:
             assert reloaded(text, add_special_tokens=False)["input_ids"] == \
                 tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert reloaded.decode(ids) == tokenizer.decode(ids)
-        assert M.encode_prompt(reloaded, messages, "<reasoning>") == M.encode_prompt(tokenizer, messages, "<reasoning>")
-        assert M.mask_token_id(reloaded) == M.mask_token_id(tokenizer)
+        assert data.encode_prompt(reloaded, messages, "<reasoning>") == data.encode_prompt(tokenizer, messages, "<reasoning>")
+        assert C.mask_token_id(reloaded) == C.mask_token_id(tokenizer)
         assert reloaded.eos_token_id == tokenizer.eos_token_id
-        assert M.stop_token_ids(reloaded) == M.stop_token_ids(tokenizer)
+        assert C.stop_token_ids(reloaded) == C.stop_token_ids(tokenizer)
         assert len(reloaded) == len(tokenizer)
 
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        M.load_tokenizer(str(tmp_path / "absent"))
+        C.load_tokenizer(str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        M.load_tokenizer(str(tmp_path))
+        C.load_tokenizer(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -608,14 +612,14 @@ def test_lora_reference_sync_equals_a_full_weight_mix(make_model):
     model = make_model(seed=2)
     M.add_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "up_proj"))
     ids = random_ids(model.cfg, 2, 9)
-    reference = {k: v.clone() for k, v in M.merged_state(model).items()}  # the base: B = 0
+    reference = {k: v.clone() for k, v in C.merged_state(model).items()}  # the base: B = 0
     alpha = 0.6
     for sync in range(3):
         randomise_lora(model, seed=sync)  # the policy moved since the last sync, in both factors
         with torch.no_grad():
             for _, m in M.lora_modules(model):
                 m.lora_A.mul_(1 + sync)
-        policy = M.merged_state(model)
+        policy = C.merged_state(model)
         reference = {k: alpha * policy[k] + (1 - alpha) * reference[k] for k in reference}
         M.sync_lora_reference(model, alpha)
     slow = make_model(seed=2)
@@ -632,14 +636,14 @@ def test_lora_reference_sync_equals_a_full_weight_mix(make_model):
 def test_adapter_peft_format_reload_and_merged_export(make_model, tokenizer, tmp_path):
     model = make_model(seed=4)
     base_dir, adapter_dir, merged_dir = (str(tmp_path / n) for n in ("base", "adapter", "merged"))
-    M.save_model(model, tokenizer, base_dir)
+    C.save_model(model, tokenizer, base_dir)
     r, alpha = 4, 8
     M.add_lora(model, r=r, alpha=alpha, dropout=0.05)
     randomise_lora(model)
     model.eval()
     ids = random_ids(model.cfg, 2, 9)
     adapted = logits_of(model, ids)
-    M.save_adapter(model, adapter_dir, base_dir)
+    C.save_adapter(model, adapter_dir, base_dir)
 
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
@@ -658,21 +662,21 @@ def test_adapter_peft_format_reload_and_merged_export(make_model, tokenizer, tmp
         torch.testing.assert_close(f.get_tensor("base_model.model.model.transformer.blocks.1.v_proj.lora_B.weight"),
                                    model.blocks[1].v_proj.lora_B.detach(), rtol=0, atol=0)
 
-    loaded = M.load_model(adapter_dir).eval()
+    loaded = C.load_model(adapter_dir).eval()
     assert torch.equal(logits_of(loaded, ids), adapted)
     with M.adapters_disabled(loaded):
-        assert torch.equal(logits_of(loaded, ids), logits_of(M.load_model(base_dir).eval(), ids))
-    assert M.load_tokenizer(adapter_dir)("7")["input_ids"] == tokenizer("7")["input_ids"]
+        assert torch.equal(logits_of(loaded, ids), logits_of(C.load_model(base_dir).eval(), ids))
+    assert C.load_tokenizer(adapter_dir)("7")["input_ids"] == tokenizer("7")["input_ids"]
 
-    M.save_model(model, tokenizer, merged_dir)
-    merged = M.load_model(merged_dir).eval()
+    C.save_model(model, tokenizer, merged_dir)
+    merged = C.load_model(merged_dir).eval()
     assert not M.lora_modules(merged)
     torch.testing.assert_close(logits_of(merged, ids), adapted, rtol=0, atol=1e-5)
 
 
 def test_save_adapter_without_lora_is_an_error(make_model, tmp_path):
     with pytest.raises(ValueError, match="add_lora"):
-        M.save_adapter(make_model(), str(tmp_path / "a"), str(tmp_path))
+        C.save_adapter(make_model(), str(tmp_path / "a"), str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -683,7 +687,7 @@ def test_forward_mask_never_masks_the_prompt_and_masks_at_rate_p():
     B, L, mask_id = 64, 400, 99
     input_ids = torch.randint(0, 90, (B, L), generator=torch.Generator().manual_seed(0))
     prompt_lengths = torch.randint(10, 200, (B,), generator=torch.Generator().manual_seed(1))
-    noisy, masked, p = M.forward_mask(input_ids, prompt_lengths, mask_id, generator=torch.Generator().manual_seed(2))
+    noisy, masked, p = sft.forward_mask(input_ids, prompt_lengths, mask_id, generator=torch.Generator().manual_seed(2))
     assert noisy.shape == masked.shape == (B, L) and p.shape == (B, 1)
     is_prompt = torch.arange(L)[None, :] < prompt_lengths[:, None]
     assert not masked[is_prompt].any()
@@ -700,7 +704,7 @@ def test_forward_mask_never_masks_the_prompt_and_masks_at_rate_p():
 def test_forward_mask_is_seeded():
     ids = torch.randint(0, 90, (8, 50), generator=torch.Generator().manual_seed(0))
     prompt_lengths = torch.full((8,), 10)
-    run = lambda seed: M.forward_mask(ids, prompt_lengths, 99, generator=torch.Generator().manual_seed(seed))  # noqa
+    run = lambda seed: sft.forward_mask(ids, prompt_lengths, 99, generator=torch.Generator().manual_seed(seed))  # noqa
     a, b, c = run(5), run(5), run(6)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[1], c[1])
@@ -711,11 +715,11 @@ def test_sft_loss_equals_slow_loop(make_model):
     B, L = 3, 12
     ids = random_ids(model.cfg, B, L, seed=3)
     prompt_lengths = torch.tensor([2, 5, 8])
-    noisy, masked, p = M.forward_mask(ids, prompt_lengths, model.cfg.mask_token_id,
+    noisy, masked, p = sft.forward_mask(ids, prompt_lengths, model.cfg.mask_token_id,
                                       generator=torch.Generator().manual_seed(0))
     assert masked.any()
     logits = logits_of(model, noisy)
-    loss = M.sft_loss(logits, ids, masked, p, prompt_lengths)
+    loss = sft.sft_loss(logits, ids, masked, p, prompt_lengths)
     total, response_tokens = 0.0, 0
     for b in range(B):
         for i in range(L):
@@ -734,9 +738,9 @@ def test_token_logprobs_equals_log_softmax_gather(make_model):
     targets = random_ids(model.cfg, 3, 10, seed=1)
     logits = logits_of(model, ids)
     expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[..., None])[..., 0]
-    got = M.token_logprobs(logits, targets)
+    got = grpo.token_logprobs(logits, targets)
     assert got.shape == (3, 10) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(M.token_logprobs(logits.bfloat16(), targets).double(),
+    torch.testing.assert_close(grpo.token_logprobs(logits.bfloat16(), targets).double(),
                                torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, targets[..., None])[..., 0],
                                rtol=0, atol=1e-5)

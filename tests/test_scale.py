@@ -4,12 +4,13 @@ Guards the 8B path where a CPU can show it (what a GPU run would otherwise find 
 - full fine-tuning that cannot fit a GPU is refused before anything loads, with a message naming --lora-r
   and --fsdp (the check is a pure function, called here with a fake GPU memory size);
 - ddp.init picks the GPU from LOCAL_RANK modulo the GPUs the process sees (a launcher that shows each
-  process one GPU), and the global RNGs are seeded per rank (rank 0 keeps the run's seed);
+  process one GPU);
 - LoRA casts its input to fp32 only when autocast is off (no fp32 copy of the activations under bf16);
 - SFT's LM head on response positions only gives the same loss as the head on every position;
 - token_logprobs in chunks (the branch a large batch takes) equals the one-chunk result, on a padded
   vocabulary too;
-- `model.py merge` keeps the base's dtype and adds each delta in fp32.
+- `python checkpoint.py merge` (and its older name `python model.py merge`) keeps the base's dtype and adds
+  each delta in fp32.
 """
 
 import os
@@ -19,9 +20,12 @@ import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoint as C
 import ddp
+import grpo
 import model as M
-
+import sft
+from helpers import run_script
 
 # -----------------------------------------------------------------------------
 # Full fine-tuning that cannot fit
@@ -68,12 +72,6 @@ def test_init_takes_the_gpu_from_local_rank_modulo_the_visible_gpus(monkeypatch)
     assert joined["set"] == device and joined["backend"] == "nccl" and joined["rank"] == 11
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # all 8 GPUs of the node visible
     assert ddp.init()[2] == torch.device("cuda", 3)
-
-
-def test_rank_seed():
-    assert ddp.rank_seed(5, 0) == 5  # a one-process run keeps its stream
-    assert len({ddp.rank_seed(5, r) for r in range(8)}) == 8
-    assert ddp.rank_seed(5, 3) == ddp.rank_seed(5, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -124,14 +122,14 @@ def test_sft_loss_on_response_positions_equals_the_loss_on_every_position(make_m
     B, L = 4, 16
     ids = torch.randint(0, model.cfg.vocab_size - 1, (B, L), generator=torch.Generator().manual_seed(0))
     prompt_lengths = torch.tensor([5, 3, 9, 7])
-    noisy, masked, p = M.forward_mask(ids, prompt_lengths, model.cfg.mask_token_id,
+    noisy, masked, p = sft.forward_mask(ids, prompt_lengths, model.cfg.mask_token_id,
                                       generator=torch.Generator().manual_seed(1))
     assert masked.any()
     with torch.no_grad():
-        full = M.sft_loss(model(noisy), ids, masked, p, prompt_lengths)
+        full = sft.sft_loss(model(noisy), ids, masked, p, prompt_lengths)
         start = int(prompt_lengths.min())
         sliced_logits = model(noisy, positions=slice(start, None))
-        sliced = M.sft_loss(sliced_logits, ids, masked, p, prompt_lengths, start)
+        sliced = sft.sft_loss(sliced_logits, ids, masked, p, prompt_lengths, start)
     assert sliced_logits.shape == (B, L - start, model.cfg.vocab_size)
     assert sliced.item() == full.item()
 
@@ -146,9 +144,13 @@ def test_token_logprobs_in_chunks_equals_one_chunk(make_model, monkeypatch, padd
     with torch.no_grad():
         logits = model(ids)
     assert logits.shape[-1] == model.cfg.vocab_size and logits.is_contiguous() != padded
-    whole = M.token_logprobs(logits, targets)
-    monkeypatch.setattr(M, "LOGPROB_CHUNK_ELEMENTS", 2 * 6 * logits.shape[-1])
-    chunked = M.token_logprobs(logits, targets)
+    whole = grpo.token_logprobs(logits, targets)
+    monkeypatch.setattr(grpo, "LOGPROB_CHUNK_ELEMENTS", 2 * 6 * logits.shape[-1])
+    chunks = []  # the rows of each cross-entropy call: proves the chunked loop ran
+    cross_entropy = grpo.F.cross_entropy
+    monkeypatch.setattr(grpo.F, "cross_entropy", lambda x, *a, **k: chunks.append(len(x) // 6) or cross_entropy(x, *a, **k))
+    chunked = grpo.token_logprobs(logits, targets)
+    assert chunks == [2, 2, 1]
     assert torch.equal(chunked, whole)
     expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(chunked.double(), expected, rtol=0, atol=1e-5)
@@ -161,20 +163,25 @@ def test_token_logprobs_in_chunks_equals_one_chunk(make_model, monkeypatch, padd
 def test_merge_keeps_the_base_dtype_and_adds_in_fp32(make_model, tokenizer, tmp_path):
     model = make_model(seed=2).to(torch.bfloat16)
     base_dir, adapter_dir, merged_dir = (str(tmp_path / n) for n in ("base", "adapter", "merged"))
-    M.save_model(model, tokenizer, base_dir)
-    assert M.checkpoint_dtype(base_dir) == torch.bfloat16
+    C.save_model(model, tokenizer, base_dir)
+    assert C.checkpoint_dtype(base_dir) == torch.bfloat16
     M.add_lora(model, r=4, alpha=8)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, m in M.lora_modules(model):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 1e-3)  # small deltas: rounding shows
-    M.save_adapter(model, adapter_dir, base_dir)
-    M.merge_adapter(adapter_dir, merged_dir)
-    with safe_open(os.path.join(merged_dir, M.WEIGHTS_NAME), framework="pt") as f:
+    C.save_adapter(model, adapter_dir, base_dir)
+    run = run_script("checkpoint.py", "merge", adapter_dir, merged_dir)  # the command line the README gives
+    assert f"merged {adapter_dir}" in run.stdout
+    with safe_open(os.path.join(merged_dir, C.WEIGHTS_NAME), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    merged = dict(M.load_model(merged_dir, dtype=torch.bfloat16).named_parameters())
+    merged = dict(C.load_model(merged_dir, dtype=torch.bfloat16).named_parameters())
     linear = model.blocks[1].up_proj
     expected = (linear.weight.float() + linear.delta_weight()).to(torch.bfloat16)  # one rounding
     assert torch.equal(merged["blocks.1.up_proj.weight"], expected)
     twice_rounded = linear.weight + linear.delta_weight().to(torch.bfloat16)
     assert not torch.equal(expected, twice_rounded)  # the test can tell the two apart
+    # the older name of the command writes the same files
+    run_script("model.py", "merge", adapter_dir, str(tmp_path / "merged-again"))
+    with safe_open(os.path.join(tmp_path, "merged-again", C.WEIGHTS_NAME), framework="pt") as f:
+        assert torch.equal(f.get_tensor(C.to_llada_name("blocks.1.up_proj.weight")), expected)

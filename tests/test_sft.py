@@ -18,7 +18,7 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
   with a checkpoint and a clean exit; --resume then ends bitwise equal to the uninterrupted FSDP run;
 - multi-node: two torchrun launchers (--nnodes 2, c10d rendezvous on 127.0.0.1) end bitwise equal to one
   node of 2 processes;
-- LoRA: an adapter folder in PEFT's format that model.load_model loads on its base and that changes the
+- LoRA: an adapter folder in PEFT's format that checkpoint.load_model loads on its base and that changes the
   logits; LoRA on a preset (random weights) is refused; the same run pads to --max-seq-length (--pad-to
   max-length, d1's padding), so each step trains batch x max-seq-length tokens;
 - d1's SFT sequence: data.sft_tokens on a tokenizer with LLaDA's chat template and special tokens equals d1's
@@ -38,11 +38,13 @@ import time
 
 import pytest
 import torch
-
-import model as M
 from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error,
-                     assert_stopped_cleanly_by_sigterm, checkpoints, command, logged_steps, max_difference, parameters,
-                     read_metrics, run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
+                     assert_stopped_cleanly_by_sigterm, checkpoints, command, expected_lr, logged_steps, max_difference,
+                     parameters, read_metrics, run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
+
+import checkpoint as C
+import data
+import model as M
 
 MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
 TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
@@ -86,13 +88,13 @@ def test_run_writes_final_model_checkpoint_and_metrics(one_rank):
 
     # the final model loads back (weights and tokenizer), and training moved it from its random init
     final = parameters(out)
-    tokenizer = M.load_tokenizer(str(out))
-    start = dict(M.build_model("tiny", tokenizer, seed=0).named_parameters())
+    tokenizer = C.load_tokenizer(str(out))
+    start = dict(C.build_model("tiny", tokenizer, seed=0).named_parameters())
     assert max_difference(final, start) > 0
 
     # the newest resumable checkpoint is the final state: step MAX_STEPS, the same weights
     names = checkpoints(out)
-    assert names and names[-1] == f"{M.CHECKPOINT_PREFIX}{MAX_STEPS:06d}", names
+    assert names and names[-1] == f"{C.CHECKPOINT_PREFIX}{MAX_STEPS:06d}", names
     checkpoint = out / names[-1]
     with open(checkpoint / "state.json") as f:
         assert json.load(f)["step"] == MAX_STEPS
@@ -101,6 +103,8 @@ def test_run_writes_final_model_checkpoint_and_metrics(one_rank):
 
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
+    # the default schedule's warm-up (100 steps) spans the run
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 2e-3, 100, MAX_STEPS, "cosine") for s in range(MAX_STEPS)])
     for record in records:
         for key in RECORD_KEYS:
             assert key in record, f"{key} missing from {record}"
@@ -186,7 +190,7 @@ def killed_and_resumed(tmp_path_factory):
     assert killed_at < max(logged_steps(out)) < MAX_STEPS
 
     # a save cut short by a kill: a temporary folder with a truncated weights file and state
-    half = out / f".tmp-{M.CHECKPOINT_PREFIX}k1ll3d"
+    half = out / f".tmp-{C.CHECKPOINT_PREFIX}k1ll3d"
     (half / "model").mkdir(parents=True)
     weights = (newest / "model" / "model.safetensors").read_bytes()
     (half / "model" / "model.safetensors").write_bytes(weights[: len(weights) // 3])
@@ -239,11 +243,10 @@ def fsdp_run(tmp_path_factory):
 
 def test_fsdp_matches_ddp(two_ranks, fsdp_run):
     """FSDP shards weights, gradients and AdamW state, so the arithmetic is the same as DDP's except the order of
-    a few fp32 sums: gradients are averaged by a reduce-scatter and the clipping norm sums per-rank slices.
-    Measured: loss within 5e-7 and parameters within 1e-8 after 12 steps (AdamW's normalised steps keep such
-    rounding differences from growing); the bounds below leave two orders of magnitude of margin."""
-    (ddp_out, _), (out, run) = two_ranks, fsdp_run
-    assert checkpoints(out) == [f"{M.CHECKPOINT_PREFIX}{s:06d}" for s in range(2, MAX_STEPS + 1, 2)]
+    a few fp32 sums: gradients are averaged by a reduce-scatter and the clipping norm sums per-rank slices, and
+    AdamW's normalised steps keep such rounding differences from growing: the bounds are rounding-sized."""
+    (ddp_out, _), (out, _) = two_ranks, fsdp_run
+    assert checkpoints(out) == [f"{C.CHECKPOINT_PREFIX}{s:06d}" for s in range(2, MAX_STEPS + 1, 2)]
     fsdp_loss = [r["loss"] for r in read_metrics(out)]
     ddp_loss = [r["loss"] for r in read_metrics(ddp_out)]
     assert len(fsdp_loss) == MAX_STEPS and fsdp_loss == pytest.approx(ddp_loss, rel=1e-5)
@@ -260,7 +263,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(f
     run = run_with_sigterm("sft.py", *TINY, *FSDP, "--out-dir", out, out_dir=out, after_step=3)
     stopped = assert_stopped_cleanly_by_sigterm(run, out, MAX_STEPS)
     resumed = run_script("sft.py", *TINY, *FSDP, "--out-dir", out, "--resume", nproc=2)
-    assert f"resumed from {out / (M.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
+    assert f"resumed from {out / (C.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
     assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))
     assert_bitwise_equal(parameters(out), parameters(fsdp_run[0]))
 
@@ -273,17 +276,19 @@ def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
     out = tmp_path / "lora"
     run_script("sft.py", "--model", tiny_base, "--lora-r", 4, "--lora-alpha", 8, "--max-steps", 3, "--batch-size", 8,
                "--num-examples", 32, "--eval-examples", 0, "--save-every", 0, "--lr", 1e-2, "--warmup-steps", 1,
-               "--pad-to", "max-length", "--max-seq-length", 64, "--out-dir", out)
-    assert all(r["tokens"] == 8 * 64 for r in read_metrics(out))  # 22 prompt + 20 response tokens, 22 EOS pads
-    assert M.is_adapter(str(out)) and (out / "adapter_model.safetensors").is_file()
+               "--lr-schedule", "linear", "--pad-to", "max-length", "--max-seq-length", 64, "--out-dir", out)
+    records = read_metrics(out)
+    assert all(r["tokens"] == 8 * 64 for r in records)  # 22 prompt + 20 response tokens, 22 EOS pads
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 1e-2, 1, 3, "linear") for s in range(3)])
+    assert C.is_adapter(str(out)) and (out / "adapter_model.safetensors").is_file()
     with open(out / "adapter_config.json") as f:
         config = json.load(f)
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert os.path.samefile(config["base_model_name_or_path"], tiny_base)
     assert sorted(config["target_modules"]) == sorted(M.LORA_TARGETS)
 
-    base = M.load_model(tiny_base).eval()
-    tuned = M.load_model(str(out)).eval()
+    base = C.load_model(tiny_base).eval()
+    tuned = C.load_model(str(out)).eval()
     lora = dict(M.lora_modules(tuned))
     assert len(lora) == base.cfg.n_layers * len(M.LORA_TARGETS)
     # PEFT's names and shapes: A (r, in), B (out, r)
@@ -297,9 +302,9 @@ def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
     # the base weights are untouched; the adapters change the output
     tuned_base = {n: p for n, p in tuned.named_parameters() if "lora_" not in n}
     assert_bitwise_equal(tuned_base, dict(base.named_parameters()))
-    tokenizer = M.load_tokenizer(tiny_base)
-    ids = torch.tensor([M.encode_prompt(tokenizer, [{"role": "user", "content": "1200\n0034\n2000\n0001"}])
-                        + [M.mask_token_id(tokenizer)] * 20])
+    tokenizer = C.load_tokenizer(tiny_base)
+    ids = torch.tensor([data.encode_prompt(tokenizer, [{"role": "user", "content": "1200\n0034\n2000\n0001"}])
+                        + [C.mask_token_id(tokenizer)] * 20])
     with torch.no_grad():
         assert not torch.allclose(tuned(ids), base(ids), atol=1e-4)
     # the resumable checkpoint holds the adapter, not a full model
@@ -321,10 +326,14 @@ def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
     # a budget of several steps even on a loaded machine (a step takes 0.1-0.8 s here): the test reads the
     # schedule, not the clock
     run = run_script("sft.py", "--max-steps", 1000, "--max-seconds", 4, "--batch-size", 8, "--num-examples", 64,
-                     "--lr", 1e-3, "--warmup-steps", 0, "--eval-examples", 8, "--save-every", 0, "--out-dir", out)
+                     "--lr", 1e-3, "--warmup-steps", 0, "--eval-examples", 8, "--save-every", 0, "--out-dir", out,
+                     "--max-seq-length", 30, "--overlong", "truncate")
     records = read_metrics(out)
     steps = len(records)
     assert 2 <= steps < 1000
+    # every example (22 prompt + 20 response tokens) is cut to 30 tokens, not dropped
+    assert "64 examples (0 dropped, 64 truncated as longer than 30 tokens)" in run.stdout
+    assert all(r["tokens"] == 8 * 30 for r in records)
     # the cosine schedule runs over the time budget, which ends first: it decays to near 10% of the peak
     lrs = [r["lr"] for r in records]
     assert lrs[0] > 0.95e-3 and lrs[-1] < 0.4e-3
@@ -333,7 +342,7 @@ def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
     assert "eval_accuracy" in records[-1]  # the early stop is a last step: it evaluates
     for name in LLADA_LAYOUT:
         assert (out / name).is_file()
-    assert checkpoints(out)[-1] == f"{M.CHECKPOINT_PREFIX}{steps:06d}"
+    assert checkpoints(out)[-1] == f"{C.CHECKPOINT_PREFIX}{steps:06d}"
     assert f"done: {steps} steps" in run.stdout
     assert "/4 s" in run.stderr  # the progress bar counts the time budget, not the 1000 steps
 
@@ -377,7 +386,7 @@ def test_d1_sft_sequence_matches_d1_preprocessing():
 
     import data
 
-    tokenizer = copy.deepcopy(M.build_tiny_tokenizer())
+    tokenizer = copy.deepcopy(C.build_tiny_tokenizer())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
     tokenizer.chat_template = LLADA_CHAT_TEMPLATE
     tokenizer.padding_side = "right"  # d1 loads its tokenizer so, and pads with EOS
