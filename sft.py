@@ -10,8 +10,8 @@ token with probability p (never the prompt), and minimise
 
 (d1 divides by the response tokens of the micro-batch, pads included). Chat tasks build x as d1 does: the chat
 template over the user turn and the reply, the prompt boundary one token into the assistant header (see
-data.sft_tokens). The model learns to fill any fraction of the answer
-from the prompt and the rest of the answer, which is what the sampler in generate.py asks of it.
+data.sft_tokens). The model learns to fill any fraction of the answer from the prompt and the rest of the answer,
+which is what the sampler in generate.py asks of it. The loss is forward_mask and sft_loss, just below.
 
 How this script differs from d1's SFT: no Trainer (a plain loop), hand-written DDP and LoRA, the global
 batch given in global units, the masks drawn from (seed, step, micro-batch) so that a run is the same at

@@ -4,11 +4,9 @@ cells), the accuracy equals a hand count on small synthetic generation files, an
 with the file named."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_script
 
 import evaluate
 
@@ -74,9 +72,7 @@ def test_files_and_folders_are_pooled_once(results):
 
 
 def test_cli_prints_the_table(results):
-    repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(repo / "evaluate.py"), "--rescore", str(results)],
-                         capture_output=True, text=True, check=True, cwd=repo).stdout
+    out = run_script("evaluate.py", "--rescore", results).stdout
     assert "gsm8k_instruct_128_64" in out and "75.00%" not in out and "50.00%" in out
 
 
