@@ -34,8 +34,8 @@ import ddp
 from model import PRESETS, LLaDA, LoRALinear, ModelConfig, add_lora, lora_modules
 
 # -----------------------------------------------------------------------------
-# The tiny tasks' tokenizer: one token per character, built offline with `tokenizers`.
-# Its chat template is LLaDA's shape in short: <|startoftext|><|user|>{prompt}<|assistant|>{reply}
+# Tokenizers: the tiny tasks' own, one token per character, built offline with `tokenizers` (its chat template is
+# LLaDA's shape in short: <|startoftext|><|user|>{prompt}<|assistant|>{reply}); the special ids; tokenizer files
 
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|user|>", "<|assistant|>",
                        "<|system|>", "<|eot_id|>", "<|unk|>"]

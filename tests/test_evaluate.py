@@ -152,8 +152,8 @@ def test_several_models_print_one_column_each(models, one_process):
 
 def test_models_with_the_same_folder_name_keep_separate_results(models, tmp_path):
     """`--model out/seed0/grpo out/seed1/grpo` (run_tiny.sh's OUT=out/seed1 layout): two models, two files,
-    two columns. Fails while the file name and the column key are the folder's base name alone (the second
-    model overwrites the first's file and column; see the report)."""
+    two columns named by the shortest distinct path tails (with the base name alone the second model would
+    overwrite the first's file and column)."""
     first, second = tmp_path / "seed0" / "grpo", tmp_path / "seed1" / "grpo"
     shutil.copytree(models[0], first)
     shutil.copytree(models[1], second)
