@@ -27,8 +27,13 @@ except ImportError:
 from evaluate import model_names
 
 fig, (ax_reward, ax_accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
-labels = model_names([os.path.dirname(os.path.abspath(path)) for path in args.metrics])
-for path, label in zip(args.metrics, labels):
+folders = [os.path.dirname(os.path.abspath(path)) for path in args.metrics]
+labels = model_names(folders)
+# runs whose folders share a name (seed0/grpo, seed1/grpo) share a colour and differ in line style
+names = [os.path.basename(folder) for folder in folders]
+colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
+styles = [("-", "--", ":", "-.")[names[:i].count(name) % 4] for i, name in enumerate(names)]
+for path, label, name, style in zip(args.metrics, labels, names, styles):
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist (grpo.py writes metrics.jsonl into its --out-dir)")
     with open(path) as f:
@@ -42,10 +47,10 @@ for path, label in zip(args.metrics, labels):
     window = max(1, args.smooth)
     smoothed = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
                 for i in range(len(rewards))]
-    line, = ax_reward.plot(steps, smoothed, label=label)
-    ax_reward.plot(steps, rewards, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax_reward.plot(steps, smoothed, color=colors[name], linestyle=style, label=label)
+    ax_reward.plot(steps, rewards, color=colors[name], alpha=0.15, linewidth=0.6)
     if evaluated:
-        ax_accuracy.plot(*zip(*evaluated), marker="o", color=line.get_color(), label=label)
+        ax_accuracy.plot(*zip(*evaluated), marker="o", markersize=3, color=colors[name], linestyle=style, label=label)
 ax_reward.set(xlabel="step", ylabel="mean reward of the rollouts", title=f"reward ({args.smooth}-step average)")
 ax_accuracy.set(xlabel="step", ylabel="held-out accuracy (%)", title="greedy held-out accuracy")
 for ax in (ax_reward, ax_accuracy):
