@@ -26,7 +26,6 @@ import os
 import re
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -160,9 +159,6 @@ def format_table(rows):
 # ---------------------------------------------------------------------------------------------------
 # Generating and scoring (also called by sft.py and grpo.py for their held-out accuracy)
 
-# d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42); np.random.choice(500, 256,
-# replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256 problems, so nothing is drawn there
-SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
                       device="cpu", progress=True, cache="none", threshold=None):
@@ -220,16 +216,6 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
     if examples and "puzzle" in examples[0]:
         result["valid_rate"] = valid / len(examples)
     return result
-
-
-def test_examples(task, data_dir, limit=None):
-    """d1's test set of a task in d1's evaluation style; sudoku subsampled to d1's 256 puzzles."""
-    examples = data.load_examples(task, "test", data_dir=data_dir, style="eval")
-    if task in SUBSAMPLED_TASKS and len(examples) > SUBSAMPLE_SIZE:
-        # the legacy global generator d1 seeds draws exactly what a RandomState of the same seed draws
-        keep = np.random.RandomState(SUBSAMPLE_SEED).choice(len(examples), SUBSAMPLE_SIZE, replace=False)
-        examples = [examples[i] for i in keep]  # in d1's order
-    return examples[:limit] if limit is not None else examples
 
 
 def model_names(paths):
@@ -302,7 +288,7 @@ if __name__ == "__main__":
                 "batch_size": args.batch_size or defaults["batch_size"], "cache": args.cache,
                 "threshold": args.threshold}
     try:
-        examples = test_examples(args.task, args.data_dir, args.limit)
+        examples = data.test_examples(args.task, args.data_dir, args.limit)
     except (FileNotFoundError, ValueError) as err:  # a missing or malformed test file: the message says what to do
         raise SystemExit(str(err)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -280,7 +280,7 @@ def bench(args):
         print("(b) skipped: pass --bench-model DIR, a trained tiny_sudoku checkpoint (e.g. `python sft.py`'s out/sft)")
         return
     model, tokenizer = C.load_model(args.bench_model).eval(), C.load_tokenizer(args.bench_model)
-    examples = evaluate.test_examples("tiny_sudoku", "data/files")
+    examples = data.test_examples("tiny_sudoku", "data/files")
     q = BENCH_QUALITY_SHAPE
     workload = f"(b) {os.path.basename(os.path.normpath(args.bench_model))} {len(examples)} held-out"
     reference = None

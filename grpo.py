@@ -73,7 +73,7 @@ import data
 import ddp
 import model as M
 import rewards
-from evaluate import evaluate_examples, test_examples
+from evaluate import evaluate_examples
 from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad, read_completions
 
 # -----------------------------------------------------------------------------
@@ -353,7 +353,7 @@ if __name__ == "__main__":
     split = args.split or ("rl" if args.task == "tiny_sudoku" else "train")
     try:
         prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
-        eval_examples = test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
+        eval_examples = data.test_examples(args.task, args.data_dir, args.eval_examples) if args.eval_examples > 0 else []
     except (FileNotFoundError, ValueError) as err:  # a missing or malformed data file: the message says what to do
         raise SystemExit(str(err)) from None
     reward_functions = rewards.reward_functions(args.task)

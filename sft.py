@@ -41,7 +41,7 @@ import checkpoint as C
 import data
 import ddp
 import model as M
-from evaluate import evaluate_examples, test_examples
+from evaluate import evaluate_examples
 
 # -----------------------------------------------------------------------------
 # The masked-diffusion loss, LLaDA's SFT objective (defined before the script so that the tests can import it)
@@ -186,7 +186,7 @@ if __name__ == "__main__":
     try:
         examples = data.load_examples(args.task, split, data_dir=args.data_dir, limit=args.num_examples, seed=args.seed)
         # held-out examples for the accuracy printed during and after training
-        eval_examples = (test_examples(args.task, args.data_dir, args.eval_examples)
+        eval_examples = (data.test_examples(args.task, args.data_dir, args.eval_examples)
                          if args.eval_examples > 0 and args.task != "s1k" else [])
     except (FileNotFoundError, ValueError) as err:  # a missing or malformed data file: the message says what to do
         raise SystemExit(str(err)) from None

@@ -82,6 +82,21 @@ def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limi
     return s1k_examples(split, data_dir=data_dir, style=style, limit=limit)
 
 
+# d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42); np.random.choice(500, 256,
+# replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256 problems, so nothing is drawn there
+SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
+
+
+def test_examples(task, data_dir, limit=None):
+    """d1's test set of a task in d1's evaluation style; sudoku subsampled to d1's 256 puzzles."""
+    examples = load_examples(task, "test", data_dir=data_dir, style="eval")
+    if task in SUBSAMPLED_TASKS and len(examples) > SUBSAMPLE_SIZE:
+        # the legacy global generator d1 seeds draws exactly what a RandomState of the same seed draws
+        keep = np.random.RandomState(SUBSAMPLE_SEED).choice(len(examples), SUBSAMPLE_SIZE, replace=False)
+        examples = [examples[i] for i in keep]  # in d1's order
+    return examples[:limit] if limit is not None else examples
+
+
 def encode_prompt(tokenizer, messages, prefill=""):
     """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's evaluation
     appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5."""

@@ -231,19 +231,19 @@ def test_argument_errors(make_model):
 
 def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     """`python generate.py --bench --bench-model DIR`, shrunk: a small random model and shape for (a), a saved
-    tiny checkpoint on 4 held-out puzzles for (b); one row per mode and workload, the plain rows at ratio 1
-    and, in (b), all tokens the same as themselves. Without --bench-model, (b) is skipped with a note."""
+    tiny checkpoint on 4 held-out puzzles for (b); one row per mode and workload with its passes per token and,
+    in (b), percentages. Without --bench-model, (b) is skipped with a note."""
     import argparse
 
-    import evaluate
+    import data
 
     tokenizer = C.build_tiny_tokenizer()
     path = str(tmp_path / "tiny")
     C.save_model(C.build_model("tiny", tokenizer, seed=0), tokenizer, path)
     monkeypatch.setattr(G, "BENCH_SPEED_SHAPE", (2, 6, 8, 4, 4, 0.9))
     monkeypatch.setattr(C, "build_model", lambda preset: make_model(seed=0))
-    examples = evaluate.test_examples("tiny_sudoku", "data/files", 4)
-    monkeypatch.setattr(evaluate, "test_examples", lambda task, data_dir: examples)
+    examples = data.test_examples("tiny_sudoku", "data/files", 4)
+    monkeypatch.setattr(data, "test_examples", lambda task, data_dir: examples)
     G.bench(argparse.Namespace(bench_model=path))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("(a) bench", "(b) tiny"))]
     assert len(rows) == 12, rows

@@ -11,7 +11,7 @@ Guards evaluation, `evaluate.py`: run as a subprocess on tiny checkpoints, and `
 - several models in one call print a comparison table with one column per model, also when two model
   folders share a name (out/seed0/grpo, out/seed1/grpo);
 - user errors: a missing model folder, --rescore on a folder without generation files;
-- d1's Sudoku subset: test_examples keeps the 256 puzzles that `np.random.seed(42);
+- d1's Sudoku subset: data.test_examples keeps the 256 puzzles that `np.random.seed(42);
   np.random.choice(500, 256, replace=False)` picks (the slow reference, written here with the global generator
   d1 seeds), in that order; the stored generation is the text of all gen_length tokens, as d1 stores it;
 - evaluate_examples: with left padding and its attention mask, a prompt's greedy completion does not depend
@@ -86,7 +86,7 @@ def load(path):
 
 def test_one_generations_file_per_model_in_d1_format(models, one_process):
     out, _ = one_process
-    examples = evaluate.test_examples("tiny_sudoku", "data/files", LIMIT)
+    examples = data.test_examples("tiny_sudoku", "data/files", LIMIT)
     tokenizer = C.load_tokenizer(models[0])
     for name, path in files_by_model(out, models).items():
         written = load(path)
@@ -186,7 +186,7 @@ def test_rescore_without_generation_files_errors(tmp_path):
 
 def test_completion_is_independent_of_batch_companions(tokenizer):
     model = C.build_model("tiny", tokenizer, seed=0).eval()
-    examples = evaluate.test_examples("tiny_sudoku", "data/files", 2)
+    examples = data.test_examples("tiny_sudoku", "data/files", 2)
     longer = copy.deepcopy(examples[1])
     longer["prompt"][0]["content"] += "\n1234\n4321\n1111"  # 15 more tokens: the first prompt gets left-padded
     settings = dict(gen_length=20, steps=20, block_length=20, batch_size=4, progress=False)
@@ -219,7 +219,7 @@ def test_sudoku_subset_is_d1s_choice(tmp_path):
         expected = [pairs[i][0] for i in np.random.choice(500, 256, replace=False)]
     finally:
         np.random.set_state(state)
-    examples = evaluate.test_examples("sudoku", str(tmp_path))
+    examples = data.test_examples("sudoku", str(tmp_path))
     assert [e["puzzle"] for e in examples] == expected
     assert len({e["puzzle"] for e in examples}) == 256  # the old random.Random(42).sample shared about half
 
@@ -227,7 +227,7 @@ def test_sudoku_subset_is_d1s_choice(tmp_path):
 def test_stored_generation_is_the_whole_canvas_text(tokenizer):
     """d1 decodes all gen_length tokens (skip_special_tokens=False) and scores that text."""
     model = C.build_model("tiny", tokenizer, seed=0).eval()
-    examples = evaluate.test_examples("tiny_sudoku", "data/files", 1)
+    examples = data.test_examples("tiny_sudoku", "data/files", 1)
     result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, gen_length=24, steps=24,
                                         block_length=24, batch_size=1, progress=False)
     ids = tokenizer(result["completions"][0], add_special_tokens=False)["input_ids"]
@@ -240,7 +240,7 @@ def test_fast_sampler_options_are_recorded(models, tokenizer):
     with one step per token (steps = gen_length) the plain sampler needs one pass per token (cached ones too),
     threshold decoding fewer (the digit writer spreads its confidence over 4 digits)."""
     model = C.load_model(models[1]).eval()
-    examples = evaluate.test_examples("tiny_sudoku", "data/files", 3)
+    examples = data.test_examples("tiny_sudoku", "data/files", 3)
     settings = dict(gen_length=20, steps=20, block_length=5, batch_size=1, progress=False)
     plain = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, **settings)
     assert (plain["cache"], plain["threshold"], plain["forward_passes_per_token"]) == ("none", None, 1.0)
