@@ -223,8 +223,8 @@ def completion_text(tokenizer, completion_ids, stop_ids):
 
 BENCH_THRESHOLD = 0.9  # Fast-dLLM's tau
 # (a) speed at d1's rollout shape: batch, prompt length, gen_length, block_length, steps, temperature
-# (batch 2 keeps the run under an hour on a shared 2-core CPU; d1 samples 6 per device)
-BENCH_SPEED_SHAPE = (2, 200, 256, 32, 128, 0.9)
+# (batch 4, the smallest of the shapes d1 samples per device, 6 in its rollouts)
+BENCH_SPEED_SHAPE = (4, 200, 256, 32, 128, 0.9)
 # (b) quality on a trained tiny_sudoku model, greedy, with several blocks per completion so that stale
 # caches can matter (the answer is 19 characters + EOS)
 BENCH_QUALITY_SHAPE = {"gen_length": 20, "block_length": 5, "steps": 20, "batch_size": 250}
