@@ -157,20 +157,26 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             if cfg_scale > 0:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
-            # only the current block can be committed: the logits and everything below are of it alone
-            logits = logits.double()  # (rows, block_length, V)
-            logits[..., mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
-            if temperature > 0:  # drawn for every row, so the fast sampler's rows see the noise they would in full
-                u = pick(torch.rand((B, *logits.shape[1:]), dtype=torch.float64, device=device, generator=generator))
+            # only the current block's masked positions can be committed: they alone are sampled and scored (the
+            # float64 work over the vocabulary costs as much as a cached pass on a small model)
+            masked = pick(still_masked)  # (rows, block_length)
+            logits = logits[masked].double()  # (masked positions, V)
+            logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
+            if temperature > 0:  # drawn for every row and position, so each sees the noise it would in full
+                u = pick(torch.rand((B, block_length, logits.shape[-1]), dtype=torch.float64, device=device,
+                                    generator=generator))[masked]
                 gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-                x0 = (logits + temperature * gumbel).argmax(dim=-1)
+                sampled = (logits + temperature * gumbel).argmax(dim=-1)
             else:
-                x0 = logits.argmax(dim=-1)  # (rows, block_length)
+                sampled = logits.argmax(dim=-1)
+            x0 = torch.zeros_like(masked, dtype=torch.long)  # (rows, block_length); unmasked entries never commit
+            x0[masked] = sampled
             if remasking == "low_confidence":
-                confidence = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+                confidence = torch.full(masked.shape, -torch.inf, dtype=torch.float64, device=device)
+                confidence[masked] = F.softmax(logits, dim=-1).gather(-1, sampled[:, None]).squeeze(-1)
             else:
                 confidence = pick(torch.rand((B, block_length), dtype=torch.float64, device=device, generator=generator))
-            confidence = torch.where(pick(still_masked), confidence, -torch.inf)
+                confidence = torch.where(masked, confidence, -torch.inf)
             if threshold is None:
                 k = pick(k)
             else:  # every masked position at least tau confident, and at least one (every row here has a mask)
