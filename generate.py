@@ -229,7 +229,7 @@ def completion_text(tokenizer, completion_ids, stop_ids):
 
 BENCH_THRESHOLD = 0.9  # Fast-dLLM's tau
 # (a) speed at d1's rollout shape: batch, prompt length, gen_length, block_length, steps, temperature
-# (batch 4, the smallest of the shapes d1 samples per device, 6 in its rollouts)
+# (batch 4 keeps the run near ten minutes on a 2-core CPU; d1's rollouts sample 6 per device)
 BENCH_SPEED_SHAPE = (4, 200, 256, 32, 128, 0.9)
 # (b) quality on a trained tiny_sudoku model, greedy, with several blocks per completion so that stale
 # caches can matter (the answer is 19 characters + EOS)

@@ -80,7 +80,7 @@ class Run:
 
 def run_script(script, *args, nproc=1, expect_ok=True):
     """Run `script` (a file in the repository root) with `args`; with expect_ok, fail unless it exits 0. One
-    process runs inside this one (the seconds of a fresh interpreter importing torch, saved ~50 times), as
+    process runs inside this one (no fresh interpreter importing torch for seconds each time), as
     `python script args` would from the root: __main__, stdout and stderr captured, SystemExit turned into an
     exit status; the RNG, the SIGTERM handler and the working directory are restored after. Two ranks run
     under torch.distributed.run."""
