@@ -136,14 +136,20 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             rows = active.nonzero().squeeze(1) if fast else None  # None: every row
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
             both = (lambda t: t) if rows is None else (lambda t: t[torch.cat([rows, rows + B])])  # noqa: E731
+            masked = pick(still_masked)  # (rows, block_length)
+            positions = slice(start, end)  # LLaDA's sampler: the LM head over the block
+            if fast:  # only the block's still-masked positions can be committed: the LM head over those alone
+                positions = torch.zeros(len(masked), x.shape[1], dtype=torch.bool, device=device)
+                positions[:, start:end] = masked
+                positions = positions.repeat(2, 1) if cfg_scale > 0 else positions
             inputs = pick(x)
             if cfg_scale > 0:  # one batched pass for the conditional and the unconditional (prompt masked) rows
                 inputs = torch.cat([inputs, torch.where(pick(prompt_index), torch.full_like(inputs, mask_id), inputs)])
             mask_rows = None if attention_mask is None else (both if cfg_scale > 0 else pick)(attention_mask)
             if cache == "none":
-                logits = model(inputs, mask_rows, slice(start, end))
+                logits = model(inputs, mask_rows, positions)
             elif past_kv is None:  # the block's first pass: the whole sequence, and every layer's keys/values
-                logits, past_kv = model(inputs, mask_rows, slice(start, end), return_kv=True)
+                logits, past_kv = model(inputs, mask_rows, positions, return_kv=True)
                 cached_rows = rows
             else:
                 if len(rows) < len(cached_rows):  # rows whose block is done leave the cache
@@ -151,24 +157,28 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
                     keep = keep if cfg_scale == 0 else torch.cat([keep, keep])
                     past_kv = [(keys[keep], values[keep]) for keys, values in past_kv]
                     cached_rows = rows
-                logits = model(inputs, mask_rows, slice(start, end), past_kv=past_kv, queries=queries)
+                logits = model(inputs, mask_rows, positions, past_kv=past_kv, queries=queries)
             counts["forward_passes"] += 1
             counts["row_forward_passes"] += B if rows is None else len(rows)
             if cfg_scale > 0:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
-            # only the current block's masked positions can be committed: they alone are sampled and scored (the
-            # float64 work over the vocabulary costs as much as a cached pass on a small model)
-            masked = pick(still_masked)  # (rows, block_length)
-            logits = logits[masked].double()  # (masked positions, V)
+            # the block's masked positions alone are sampled and scored (the float64 work over the vocabulary
+            # costs as much as a cached pass on a small model)
+            logits = (logits if fast else logits[masked]).double()  # (masked positions, V)
             logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
-            if temperature > 0:  # drawn for every row and position, so each sees the noise it would in full
-                u = pick(torch.rand((B, block_length, logits.shape[-1]), dtype=torch.float64, device=device,
-                                    generator=generator))[masked]
+            if temperature == 0:
+                sampled = logits.argmax(dim=-1)
+            elif fast:  # the same distribution from one uniform number per position, not one per vocabulary entry:
+                # the first token whose cumulative probability reaches u in (0, total], never a zero-probability one
+                cdf = F.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+                u = 1 - torch.rand((len(cdf), 1), dtype=torch.float64, device=device, generator=generator)
+                sampled = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+            else:  # LLaDA's Gumbel-max, the noise drawn for every row and position as d1 draws it (the same tokens)
+                u = torch.rand((B, block_length, logits.shape[-1]), dtype=torch.float64, device=device,
+                               generator=generator)[masked]
                 gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
                 sampled = (logits + temperature * gumbel).argmax(dim=-1)
-            else:
-                sampled = logits.argmax(dim=-1)
             x0 = torch.zeros_like(masked, dtype=torch.long)  # (rows, block_length); unmasked entries never commit
             x0[masked] = sampled
             if remasking == "low_confidence":

@@ -224,6 +224,8 @@ class LLaDA(nn.Module):
         without it every position attends to every position, exactly as LLaDA did for d1. `positions`, a
         slice, keeps the logits of those positions only: the sampler reads one block and the estimator the
         completion, and at a 126k vocabulary the LM head over the prompt would cost memory for nothing.
+        positions may also be a (B, L) bool mask: the logits (N, V) of its N True positions, row by row (the
+        fast sampler reads only the block's still-masked positions).
 
         Key/value caching (the sampler's prefix and dual caches, Fast-dLLM, Wu et al. 2025): `queries`, a
         slice of input_ids' positions, are the only positions run through the network (RoPE at their
@@ -232,6 +234,7 @@ class LLaDA(nn.Module):
         (then the result is (logits, kv), the queried positions' keys and values in place of past_kv's).
         `positions` are absolute and must lie within `queries`. Cached calls are never checkpointed."""
         B, L = input_ids.shape
+        position_mask = isinstance(positions, torch.Tensor)
         cos, sin = self.rope(L, input_ids.device)
         attn_mask = None
         if attention_mask is not None:
@@ -241,12 +244,17 @@ class LLaDA(nn.Module):
             q0, q1, step = queries.indices(L)
             if step != 1 or (q0, q1) != (0, L) and past_kv is None:
                 raise ValueError(f"queries {queries} need past_kv for the positions outside them (and a step of 1)")
-            p0, p1, p_step = positions.indices(L) if positions != slice(None) else (q0, q1, 1)  # default: all queried
-            if p1 > p0 and (p0 < q0 or p1 > q1):
-                raise ValueError(f"positions {positions} must lie within queries {queries}")
+            if position_mask:
+                if positions[:, :q0].any() or positions[:, q1:].any():
+                    raise ValueError(f"the positions mask must lie within queries {queries}")
+                positions = positions[:, q0:q1]
+            else:
+                p0, p1, p_step = positions.indices(L) if positions != slice(None) else (q0, q1, 1)  # default: all
+                if p1 > p0 and (p0 < q0 or p1 > q1):
+                    raise ValueError(f"positions {positions} must lie within queries {queries}")
+                positions = slice(p0 - q0, p1 - q0, p_step) if p1 > p0 else slice(0, 0)
             x = self.wte(input_ids[:, q0:q1])
             cos, sin = cos[q0:q1], sin[q0:q1]
-            positions = slice(p0 - q0, p1 - q0, p_step) if p1 > p0 else slice(0, 0)
             kv = []
         else:
             x = self.wte(input_ids)
@@ -260,7 +268,7 @@ class LLaDA(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask)
-        logits = self.ff_out(self.ln_f(x[:, positions]))
+        logits = self.ff_out(self.ln_f(x[positions] if position_mask else x[:, positions]))
         # a padded embedding (rows past the vocabulary) is cut; otherwise no slice, so no strided view to copy
         logits = logits[..., : self.cfg.vocab_size] if self.cfg.embedding_size > self.cfg.vocab_size else logits
         return (logits, kv) if return_kv else logits

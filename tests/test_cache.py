@@ -19,7 +19,7 @@ and threshold (confidence-threshold parallel decoding, Fast-dLLM).
 
 import pytest
 import torch
-from test_generate import FixedLogitsModel, padded_prompts, random_prompts, reference_generate, sampler_model
+from test_generate import FixedLogitsModel, at_positions, padded_prompts, random_prompts, reference_generate, sampler_model
 
 import checkpoint as C
 import generate as G
@@ -73,6 +73,13 @@ def test_cached_forward_equals_the_full_forward(make_model, variant):
             assert logits.shape == expected.shape
             assert torch.allclose(logits, expected, atol=1e-5, rtol=0), (queries, (logits - expected).abs().max())
             assert max_kv_difference(new_kv, kv) < 1e-5
+        # positions as a bool mask (the fast sampler's still-masked positions): the logits of those, row by row
+        chosen = torch.zeros_like(x, dtype=torch.bool)
+        chosen[0, 12] = chosen[2, 10:14:2] = True
+        for past_kv, queries in ((None, slice(None)), (kv, slice(10, 14)), (kv, slice(10, None))):
+            logits = model(x, attention_mask, chosen, past_kv=past_kv, queries=queries)
+            assert logits.shape == (3, model.cfg.vocab_size)
+            assert torch.allclose(logits, full[chosen], atol=1e-5, rtol=0), queries
         k, v = kv[0]
         assert k.shape == (3, model.cfg.n_kv_heads, 24, model.cfg.head_dim) and v.shape == k.shape
         # a stale cache is what the sampler approximates with: it changes the result
@@ -90,6 +97,10 @@ def test_cached_forward_argument_errors(make_model):
             model(x, None, slice(2, 4), queries=slice(2, 4), return_kv=True)
         with pytest.raises(ValueError, match="must lie within queries"):
             model(x, None, slice(0, 4), past_kv=kv, queries=slice(2, 6))
+        outside = torch.zeros_like(x, dtype=torch.bool)
+        outside[0, 1] = True
+        with pytest.raises(ValueError, match="mask must lie within queries"):
+            model(x, None, outside, past_kv=kv, queries=slice(2, 6))
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +162,7 @@ class CountingModel(torch.nn.Module):
         self.inner, self.mask_id, self.masked = inner, mask_id, []
 
     def forward(self, input_ids, attention_mask=None, positions=slice(None)):
-        self.masked.append(int((input_ids[:, positions] == self.mask_id).sum()))
+        self.masked.append(int((at_positions(input_ids, positions) == self.mask_id).sum()))
         return self.inner(input_ids, attention_mask, positions)
 
 

@@ -7,7 +7,8 @@ semi-autoregressive blocks) and its CLI.
   guidance included), over several (steps, gen_length, block_length, cfg_scale, batch) settings, including
   steps per block that do not divide the block length and more steps than tokens;
 - no mask token is left after sampling, not even when the model likes the mask token best;
-- determinism at a fixed generator seed at temperature > 0; the Gumbel noise samples softmax(logits / T);
+- determinism at a fixed generator seed at temperature > 0; the Gumbel noise (and the fast sampler's
+  inverse-CDF draw) samples softmax(logits / T);
 - infilling from a canvas (given tokens kept, against the same reference);
 - "random" remasking; left padding hidden by attention_mask; rows independent of their batch;
 - the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end.
@@ -21,6 +22,12 @@ from helpers import assert_clean_error, run_script
 import checkpoint as C
 import data
 import generate as G
+
+
+def at_positions(input_ids, positions):
+    """What a fake model reads of input_ids at model.LLaDA's `positions`: a slice of columns, or a (B, L) bool
+    mask (the fast sampler's still-masked positions, flattened)."""
+    return input_ids[positions] if isinstance(positions, torch.Tensor) else input_ids[:, positions]
 
 
 class NeverPredictsMask(torch.nn.Module):
@@ -164,18 +171,20 @@ class MaskLovingModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, positions=slice(None)):
         g = torch.Generator().manual_seed(int(input_ids.sum()))
-        logits = torch.randn(*input_ids[:, positions].shape, self.vocab_size, generator=g)
+        logits = torch.randn(*at_positions(input_ids, positions).shape, self.vocab_size, generator=g)
         logits[..., self.mask_id] = 10.0
         return logits
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_never_commits_the_mask_token(temperature):
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_never_commits_the_mask_token(temperature, threshold):
     """Committing [MASK] would leave the position masked after its block is done (the block's transfer
-    counts are fixed at its start), so a completion could come back with mask tokens in it."""
+    counts are fixed at its start), so a completion could come back with mask tokens in it. With a
+    threshold the fast sampler's inverse-CDF draw is used: it must not pick the banned token either."""
     model = MaskLovingModel(vocab_size=20, mask_id=7)
     out = G.generate(model, torch.zeros(2, 3, dtype=torch.long), 4, 8, 4, temperature=temperature, mask_id=7,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), threshold=threshold)
     assert not (out[:, 3:] == 7).any()
 
 
@@ -217,17 +226,19 @@ class FixedLogitsModel(torch.nn.Module):
         self.logits = logits
 
     def forward(self, input_ids, attention_mask=None, positions=slice(None)):
-        return self.logits.expand(*input_ids[:, positions].shape, -1).clone()
+        return self.logits.expand(*at_positions(input_ids, positions).shape, -1).clone()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_gumbel_noise_samples_the_tempered_softmax(temperature):
-    """argmax(logits + T * Gumbel) is a sample of softmax(logits / T)."""
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_sampling_follows_the_tempered_softmax(temperature, threshold):
+    """argmax(logits + T * Gumbel) (LLaDA's sampler) and the fast sampler's inverse-CDF draw (threshold set)
+    are samples of softmax(logits / T)."""
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5, -30.0])  # token 4 is the mask token
     model = FixedLogitsModel(logits)
     N = 4000
     out = G.generate(model, torch.zeros(N, 1, dtype=torch.long), 1, 1, 1, temperature=temperature, mask_id=4,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), threshold=threshold)
     freq = torch.bincount(out[:, 1], minlength=5).double() / N
     p = torch.softmax(logits.double() / temperature, dim=0)
     assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / N) + 1e-9).all(), (freq, p)
