@@ -18,7 +18,7 @@ logits = uncond + (cfg_scale + 1) * (cond - uncond).
 Usage:
     python generate.py --model out/sft --task tiny_sudoku --prompt "1024\\n0230\\n3002\\n2043"   # fills the 0s
     python generate.py --model checkpoints/LLaDA-8B-Instruct --prompt "What is 12 * 7?" --gen-length 128
-    python generate.py --bench --bench-model out/sft    # the fast sampler's modes side by side
+    python generate.py --bench --bench-model out/sft out/grpo    # the fast sampler's modes side by side
 """
 
 import argparse
@@ -263,8 +263,8 @@ def same_token_share(tokenizer, texts, reference_texts, canvases, mask_id):
 @torch.no_grad()  # a context, not a global switch: tests call bench in process
 def bench(args):
     """Prints one table: plain, prefix and dual cache, each without and with threshold decoding, on
-    (a) a random ~60M model at d1's rollout shape (speed) and (b) a trained tiny_sudoku checkpoint
-    (--bench-model; held-out accuracy and tokens identical to the plain sampler's)."""
+    (a) a random ~60M model at d1's rollout shape (speed) and (b) each trained tiny_sudoku checkpoint of
+    --bench-model (held-out accuracy and tokens identical to the plain sampler's)."""
     import checkpoint as C
     import data
     import evaluate
@@ -292,13 +292,27 @@ def bench(args):
         print(f"{workload:<30} {name(cache, threshold):<24} {tokens_per_s:>8.1f} {tokens_per_s / plain:>8.2f} "
               f"{forward_passes_per_token(stats):>9.3f} {'-':>8} {'-':>11}", flush=True)
 
-    if args.bench_model is None:
-        print("(b) skipped: pass --bench-model DIR, a trained tiny_sudoku checkpoint (e.g. `python sft.py`'s out/sft)")
+    if not args.bench_model:
+        print("(b) skipped: pass --bench-model DIR [DIR ...], trained tiny_sudoku checkpoints (e.g. out/sft out/grpo)")
         return
-    model, tokenizer = C.load_model(args.bench_model).eval(), C.load_tokenizer(args.bench_model)
     examples = data.test_examples("tiny_sudoku", "data/files")
     q = BENCH_QUALITY_SHAPE
-    workload = f"(b) {os.path.basename(os.path.normpath(args.bench_model))} {len(examples)} held-out"
+    for path in args.bench_model:
+        bench_quality(path, examples, modes, name)
+    print(f"(a) {steps} steps in blocks of {block_length}, temperature {temperature}; (b) gen_length "
+          f"{q['gen_length']}, blocks of {q['block_length']}, {q['steps']} steps, greedy, batch {q['batch_size']}; "
+          "fwd/token: forward passes x rows / generated tokens")
+
+
+def bench_quality(path, examples, modes, name):
+    """The benchmark's workload (b) on one trained tiny_sudoku checkpoint: a row per sampler mode."""
+    import checkpoint as C
+    import data
+    import evaluate
+
+    model, tokenizer = C.load_model(path).eval(), C.load_tokenizer(path)
+    q = BENCH_QUALITY_SHAPE
+    workload = f"(b) {os.path.basename(os.path.normpath(path))} {len(examples)} held-out"
     reference = None
     for cache, threshold in modes:
         result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, progress=False, cache=cache,
@@ -310,9 +324,6 @@ def bench(args):
         print(f"{workload:<30} {name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
               f"{result['tokens_per_s'] / reference['tokens_per_s']:>8.2f} {result['forward_passes_per_token']:>9.3f} "
               f"{100 * result['accuracy']:>7.1f}% {100 * same:>10.1f}%", flush=True)
-    print(f"(a) {steps} steps in blocks of {block_length}, temperature {temperature}; (b) gen_length "
-          f"{q['gen_length']}, blocks of {q['block_length']}, {q['steps']} steps, greedy, batch {q['batch_size']}; "
-          "fwd/token: forward passes x rows / generated tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -337,11 +348,13 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--bench", action="store_true",
                         help="benchmark plain / prefix / dual cache, without and with threshold decoding")
-    parser.add_argument("--bench-model", default=None,
-                        help="a trained tiny_sudoku checkpoint for the benchmark's quality workload (b)")
+    parser.add_argument("--bench-model", nargs="+", default=[], metavar="DIR",
+                        help="trained tiny_sudoku checkpoints for the benchmark's quality workload (b), one part "
+                             "of the table each")
     args = parser.parse_args()
-    if args.bench_model is not None and (not args.bench or not os.path.isdir(args.bench_model)):
-        parser.error(f"--bench-model {args.bench_model!r}: a checkpoint folder, with --bench")
+    for path in args.bench_model:
+        if not args.bench or not os.path.isdir(path):
+            parser.error(f"--bench-model {path!r}: checkpoint folders, with --bench")
     if args.bench:
         bench(args)
         raise SystemExit(0)

@@ -241,26 +241,29 @@ def test_argument_errors(make_model):
 
 
 def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
-    """`python generate.py --bench --bench-model DIR`, shrunk: a small random model and shape for (a), a saved
-    tiny checkpoint on 4 held-out puzzles for (b); one row per mode and workload with its passes per token and,
-    in (b), percentages. Without --bench-model, (b) is skipped with a note."""
+    """`python generate.py --bench --bench-model DIR DIR`, shrunk: a small random model and shape for (a), two
+    saved tiny checkpoints on 4 held-out puzzles for (b); one row per mode and workload with its passes per token
+    and, in (b), percentages. Without --bench-model, (b) is skipped with a note."""
     import argparse
 
     import data
 
     tokenizer = C.build_tiny_tokenizer()
-    path = str(tmp_path / "tiny")
-    C.save_model(C.build_model("tiny", tokenizer, seed=0), tokenizer, path)
+    paths = [str(tmp_path / name) for name in ("tiny", "tiny2")]
+    for seed, path in enumerate(paths):
+        C.save_model(C.build_model("tiny", tokenizer, seed=seed), tokenizer, path)
     monkeypatch.setattr(G, "BENCH_SPEED_SHAPE", (2, 6, 8, 4, 4, 0.9))
     monkeypatch.setattr(C, "build_model", lambda preset: make_model(seed=0))
     examples = data.test_examples("tiny_sudoku", "data/files", 4)
     monkeypatch.setattr(data, "test_examples", lambda task, data_dir: examples)
-    G.bench(argparse.Namespace(bench_model=path))
+    G.bench(argparse.Namespace(bench_model=paths))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("(a) bench", "(b) tiny"))]
-    assert len(rows) == 12, rows
+    assert len(rows) == 18, rows
     names = ["plain", "prefix", "dual", "plain + threshold 0.9", "prefix + threshold 0.9", "dual + threshold 0.9"]
-    for row, name in zip(rows, names + names):
+    for row, name in zip(rows, names * 3):
         assert f" {name} " in row, (row, name)
+    assert all(row.startswith("(b) tiny 4 ") for row in rows[6:12])
+    assert all(row.startswith("(b) tiny2 4 ") for row in rows[12:])
     for row in rows[:3]:  # the fixed schedule, 4 passes for 8 tokens, whatever the cache
         assert row.split()[-3:] == ["0.500", "-", "-"], row
     for row in rows[3:6]:  # threshold decoding commits at least one token per pass
@@ -268,6 +271,6 @@ def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     for row in rows[6:]:  # (b): an accuracy and a share of plain's tokens, both percentages
         accuracy, same = (float(field.rstrip("%")) for field in row.split()[-2:])
         assert 0 <= accuracy <= 100 and 0 <= same <= 100, row
-    G.bench(argparse.Namespace(bench_model=None))
+    G.bench(argparse.Namespace(bench_model=[]))
     assert "(b) skipped: pass --bench-model" in capsys.readouterr().out
     assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for its caller

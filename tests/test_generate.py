@@ -339,3 +339,9 @@ def test_cli_task_fills_the_blanks_of_a_tiny_sudoku_canvas(tmp_path):
     assert len(rows) == 4 and all(len(r) == 4 and set(r) <= set("1234") for r in rows), result.stdout
     assert all(g in ("0", c) for g, c in zip(puzzle.replace("\n", ""), "".join(rows)))  # the given cells kept
     assert_clean_error(cli("1024\\n0230", expect_ok=False), "4 rows of 4 digits")
+
+
+def test_cli_bench_model_must_be_folders(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    assert_clean_error(run_script("generate.py", "--bench", "--bench-model", str(tmp_path), missing, expect_ok=False),
+                       "--bench-model", "no-such-model", "checkpoint folders")
