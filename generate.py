@@ -66,7 +66,8 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     d1 do). canvas (B, gen_length), optional, is the completion to start from instead of all [MASK]: its
     non-mask tokens are kept and only its masked positions are sampled (infilling); each block's steps split the
     masks the block actually has.
-    `model(x, attention_mask, positions)` returns the logits of the positions (a slice) only, as model.LLaDA.
+    `model(x, attention_mask, positions)` returns the logits of the positions only (a slice, or in the fast modes
+    a (B, L) bool mask of the block's still-masked positions), as model.LLaDA.
 
     The fast sampler (Fast-dLLM, Wu et al. 2025), as keyword options; the defaults are LLaDA's sampler:
     - cache="prefix": the first forward pass of a block runs the whole sequence and keeps every layer's keys
@@ -79,7 +80,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
       so the number of steps varies and `steps` is not used. A row whose block is done commits nothing while
       the other rows finish theirs, so a row's tokens do not depend on its batch.
     - with either option, a pass runs only the rows that commit something at that step (LLaDA's sampler runs
-      every row at every step with a pass).
+      every row at every step with a pass), the LM head runs over the block's still-masked positions only, and
+      at temperature > 0 a position's token is drawn from softmax(logits / temperature) with one uniform number
+      (inverse CDF), the same distribution as LLaDA's Gumbel-max over the whole vocabulary, whose noise costs as
+      much as a cached pass on a small model.
     - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
       calls; cfg's two halves are one call), row_forward_passes (the rows each call ran, summed) and
       generated_tokens (positions sampled): forward passes per generated token = row / generated."""
@@ -163,8 +167,7 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             if cfg_scale > 0:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
-            # the block's masked positions alone are sampled and scored (the float64 work over the vocabulary
-            # costs as much as a cached pass on a small model)
+            # only the block's masked positions are sampled and scored (the fast modes' logits are those already)
             logits = (logits if fast else logits[masked]).double()  # (masked positions, V)
             logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
             if temperature == 0:
@@ -340,11 +343,11 @@ if __name__ == "__main__":
     parser.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default 128; the task's)")
     parser.add_argument("--block-length", type=int, default=None, help="tokens per semi-autoregressive block (default 32)")
     parser.add_argument("--steps", type=int, default=None, help="diffusion steps in total, split over blocks (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel noise scale; 0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
     parser.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                         help="which masked positions to commit first")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--bench", action="store_true",
                         help="benchmark plain / prefix / dual cache, without and with threshold decoding")

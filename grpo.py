@@ -215,7 +215,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-completion-length", type=int, default=None, help="gen_length (task default)")
     parser.add_argument("--block-length", type=int, default=None, help="sampler block length (task default)")
     parser.add_argument("--diffusion-steps", type=int, default=None, help="sampler steps (task default)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (Gumbel noise scale; d1: 0.9)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (d1: 0.9)")
     parser.add_argument("--max-prompt-length", type=int, default=0,
                         help="keep only the last N prompt tokens in rollouts (d1: 200, TRL's left truncation); 0 = all")
     parser.add_argument("--rollout-cache", default="none", choices=CACHE_MODES,
@@ -395,7 +395,7 @@ if __name__ == "__main__":
         """G completions of each prompt. Returns the (N, Lp + gen_length) sequences, the prompt attention
         mask (or None), the canvas the sampler started from (or None), the completion mask (N, gen_length)
         of the sampled tokens up to and including the first EOS, and the completion texts;
-        N = len(prompt_indices) * G, each group contiguous. The Gumbel noise of a generation batch comes from
+        N = len(prompt_indices) * G, each group contiguous. The sampling noise of a generation batch comes from
         (seed, step, rank, batch), so a run reproduces exactly at the same world size."""
         # d1 (TRL) keeps the last max_prompt_length tokens of a longer prompt
         rows = [data.encode_prompt(tokenizer, prompts[i]["prompt"], prompts[i]["prefill"])[-args.max_prompt_length:]
