@@ -270,7 +270,6 @@ def bench(args):
     --bench-model (held-out accuracy and tokens identical to the plain sampler's)."""
     import checkpoint as C
     import data
-    import evaluate
 
     modes = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
     name = lambda cache, threshold: ("plain" if cache == "none" else cache) + (  # noqa: E731
