@@ -50,6 +50,14 @@ def left_pad(prompts, pad_id, device):
     return ids, mask
 
 
+def inverse_cdf_sample(probs, u):
+    """One token per row of probs (N, V), non-negative: the first whose cumulative probability reaches u * total,
+    u (N, 1) in (0, 1]. A draw from probs / total with one uniform number (Gumbel-max needs one per token); never
+    a zero-probability token (u > 0), never past the last token (u <= 1)."""
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+
+
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -59,13 +67,14 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
              cache="none", threshold=None, stats=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
-    Rows of the batch are independent. Gumbel noise is drawn in float64 from `generator` when given (d1 draws it
-    in the model's dtype, bf16, in its rollouts and in float32 in evaluation): low-precision Gumbel noise rounds
-    away the tails of the distribution, which samples at a lower temperature than asked. attention_mask (B, Lp)
-    marks real prompt tokens when prompts are left-padded (None: every position attends everywhere, as LLaDA and
-    d1 do). canvas (B, gen_length), optional, is the completion to start from instead of all [MASK]: its
-    non-mask tokens are kept and only its masked positions are sampled (infilling); each block's steps split the
-    masks the block actually has.
+    Rows of the batch are independent (at temperature 0; at T > 0 they share the generator's stream). Sampling
+    noise (Gumbel; in the fast modes one uniform number per position) is drawn in float64 from `generator` when
+    given (d1 draws it in the model's dtype, bf16, in its rollouts and in float32 in evaluation): low-precision
+    Gumbel noise rounds away the tails of the distribution, which samples at a lower temperature than asked.
+    attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded (None: every position attends
+    everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is the completion to start from instead of
+    all [MASK]: its non-mask tokens are kept and only its masked positions are sampled (infilling); each block's
+    steps split the masks the block actually has.
     `model(x, attention_mask, positions)` returns the logits of the positions only (a slice, or in the fast modes
     a (B, L) bool mask of the block's still-masked positions), as model.LLaDA.
 
@@ -172,11 +181,9 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
             logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
             if temperature == 0:
                 sampled = logits.argmax(dim=-1)
-            elif fast:  # the same distribution from one uniform number per position, not one per vocabulary entry:
-                # the first token whose cumulative probability reaches u in (0, total], never a zero-probability one
-                cdf = F.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-                u = 1 - torch.rand((len(cdf), 1), dtype=torch.float64, device=device, generator=generator)
-                sampled = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+            elif fast:  # the same distribution from one uniform number per position, not one per vocabulary entry
+                u = 1 - torch.rand((len(logits), 1), dtype=torch.float64, device=device, generator=generator)
+                sampled = inverse_cdf_sample(F.softmax(logits / temperature, dim=-1), u)  # u in (0, 1]
             else:  # LLaDA's Gumbel-max, the noise drawn for every row and position as d1 draws it (the same tokens)
                 u = torch.rand((B, block_length, logits.shape[-1]), dtype=torch.float64, device=device,
                                generator=generator)[masked]

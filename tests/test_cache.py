@@ -19,7 +19,8 @@ and threshold (confidence-threshold parallel decoding, Fast-dLLM).
 
 import pytest
 import torch
-from test_generate import FixedLogitsModel, at_positions, padded_prompts, random_prompts, reference_generate, sampler_model
+from test_generate import (FixedLogitsModel, at_positions, padded_prompts, random_prompts, reference_generate,
+                           sampler_model)
 
 import checkpoint as C
 import generate as G

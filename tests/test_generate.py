@@ -70,38 +70,51 @@ def padded_prompts(model, B, Lp, seed, row, pads):
 # The slow reference sampler
 
 
-def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id, canvas=None):
-    """LLaDA's sampler at temperature 0, one row at a time, starting from prompt ++ canvas (canvas: all
-    [MASK] when None). For each block, left to right, its masked count
-    n is split over steps / num_blocks steps (n // s each, one more for the first n % s of them). At each
-    step: one forward pass (and, with cfg, one with the prompt masked: logits = un + (cfg + 1)(cond - un));
-    each still-masked position of the block predicts its argmax with confidence softmax(logits)[argmax];
-    the k most confident are committed."""
+def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id, canvas=None,
+                       temperature=0.0, generator=None):
+    """LLaDA's sampler, one row at a time, starting from prompt ++ canvas (canvas: all [MASK] when None). For
+    each block, left to right, its masked count n is split over steps / num_blocks steps (n // s each, one more
+    for the first n % s of them). At each step: one forward pass (and, with cfg, one with the prompt masked:
+    logits = un + (cfg + 1)(cond - un)); each still-masked position of the block predicts its argmax with
+    confidence softmax(logits)[argmax]; the k most confident are committed. At temperature T > 0 the prediction
+    is argmax(logits + T * Gumbel), the noise -log(-log(u)) read from one float64 uniform tensor
+    (B, block_length, V) drawn from `generator` at each step where some row commits (generate's order)."""
     Lp = prompt_ids.shape[1]
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
-    rows = []
-    for row, prompt in enumerate(prompt_ids.tolist()):
-        x = prompt + ([mask_id] * gen_length if canvas is None else canvas[row].tolist())
-        for block in range(num_blocks):
-            positions = list(range(Lp + block * block_length, Lp + (block + 1) * block_length))
+    xs = [prompt + ([mask_id] * gen_length if canvas is None else canvas[row].tolist())
+          for row, prompt in enumerate(prompt_ids.tolist())]
+    for block in range(num_blocks):
+        positions = list(range(Lp + block * block_length, Lp + (block + 1) * block_length))
+        counts = []
+        for x in xs:
             n = sum(1 for i in positions if x[i] == mask_id)
-            counts = [n // steps_per_block + (1 if s < n % steps_per_block else 0) for s in range(steps_per_block)]
-            assert sum(counts) == n
-            for s in range(steps_per_block):
+            counts.append([n // steps_per_block + (s < n % steps_per_block) for s in range(steps_per_block)])
+            assert sum(counts[-1]) == n
+        for s in range(steps_per_block):
+            noise = None
+            if temperature > 0 and any(c[s] > 0 for c in counts):
+                noise = torch.rand((len(xs), block_length, model.cfg.vocab_size), dtype=torch.float64,
+                                   generator=generator)
+            for row, x in enumerate(xs):
+                if counts[row][s] == 0:
+                    continue
                 with torch.no_grad():
                     logits = model(torch.tensor([x]))[0]  # (L, V)
                     if cfg_scale > 0:
                         unconditional = model(torch.tensor([[mask_id] * Lp + x[Lp:]]))[0]
                         logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
                 candidates = [i for i in positions if x[i] == mask_id]
-                predictions = [int(torch.argmax(logits[i])) for i in candidates]
+                scores = [logits[i].double() for i in candidates]
+                if noise is not None:
+                    scores = [score + temperature * -torch.log(-torch.log(noise[row, i - positions[0]]))
+                              for i, score in zip(candidates, scores)]
+                predictions = [int(torch.argmax(score)) for score in scores]
                 confidence = torch.tensor([float(torch.softmax(logits[i].double(), dim=-1)[p])
                                            for i, p in zip(candidates, predictions)], dtype=torch.float64)
-                for j in torch.topk(confidence, counts[s]).indices.tolist():
+                for j in torch.topk(confidence, counts[row][s]).indices.tolist():
                     x[candidates[j]] = predictions[j]
-        rows.append(x)
-    return torch.tensor(rows)
+    return torch.tensor(xs)
 
 
 SETTINGS = [  # (steps, gen_length, block_length, cfg_scale, batch, prompt length)
@@ -149,6 +162,26 @@ def test_greedy_infilling_from_a_canvas_equals_slow_reference(make_model, cfg_sc
                        G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id))
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_sampling_at_a_temperature_equals_slow_reference(make_model, cfg_scale):
+    """At T > 0 LLaDA's sampler draws its Gumbel noise as the reference does, a (B, block_length, V) tensor at
+    each step where some row commits: the same tokens for the same generator seed, with rows of a canvas that
+    commit different counts and rows with nothing to sample in a block."""
+    model = sampler_model(make_model, seed=11)
+    mask_id = model.cfg.mask_token_id
+    prompts = random_prompts(model, 3, 4, seed=5)
+    canvas = random_prompts(model, 3, 12, seed=6)
+    for row, masks in enumerate(([*range(12)], [0, 3, 4, 9, 10], [9, 10])):
+        canvas[row, masks] = mask_id
+    for c in (None, canvas):
+        sample = lambda T, reference: (reference_generate if reference else G.generate)(  # noqa: E731
+            model, prompts, 6, 12, 4, temperature=T, cfg_scale=cfg_scale, mask_id=mask_id, canvas=c,
+            generator=torch.Generator().manual_seed(3))
+        out = sample(0.8, reference=False)
+        assert torch.equal(out, sample(0.8, reference=True))
+        assert not torch.equal(out, sample(0.0, reference=False))  # the noise is used
+
+
 def test_cfg_changes_the_result(make_model):
     """The unconditional pass is used: with a large guidance scale the tokens differ from plain sampling."""
     model = sampler_model(make_model, seed=3)
@@ -188,13 +221,14 @@ def test_never_commits_the_mask_token(temperature, threshold):
     assert not (out[:, 3:] == 7).any()
 
 
-def test_seeded_sampling_is_deterministic(make_model):
-    model = sampler_model(make_model, seed=5)
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_seeded_sampling_is_deterministic(make_model, cache):
+    model = make_model(seed=5)
     mask_id = model.cfg.mask_token_id
     prompts = random_prompts(model, 3, 5, seed=1)
     run = lambda seed, remasking="low_confidence": G.generate(  # noqa: E731
         model, prompts, 8, 16, 8, temperature=1.0, remasking=remasking, mask_id=mask_id,
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed), cache=cache)
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # the noise is used
@@ -242,6 +276,19 @@ def test_sampling_follows_the_tempered_softmax(temperature, threshold):
     freq = torch.bincount(out[:, 1], minlength=5).double() / N
     p = torch.softmax(logits.double() / temperature, dim=0)
     assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / N) + 1e-9).all(), (freq, p)
+
+
+def test_inverse_cdf_sample_at_the_edges_of_u():
+    """The fast sampler's draw: the first token whose cumulative probability reaches u * total. At u = 1 the
+    last token with probability (not a zero-probability one after it, not one past the end); at the smallest
+    u the first with probability; a cumulative probability reached exactly is that token's."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0],   # zeros at the start, in the middle, at the end
+                          [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]],     # one token, a total that is not 1
+                         dtype=torch.float64)
+    draw = lambda u: G.inverse_cdf_sample(probs, torch.tensor([[u], [u]], dtype=torch.float64)).tolist()  # noqa: E731
+    assert draw(1.0) == [4, 2]
+    assert draw(2.0 ** -53) == [1, 2]
+    assert draw(0.25) == [1, 2] and draw(0.25 + 1e-12) == [3, 2]
 
 
 def test_rows_are_independent_of_their_batch(make_model):
