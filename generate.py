@@ -322,12 +322,12 @@ def bench_quality(path, examples, modes, name):
     model, tokenizer = C.load_model(path).eval(), C.load_tokenizer(path)
     q = BENCH_QUALITY_SHAPE
     workload = f"(b) {os.path.basename(os.path.normpath(path))} {len(examples)} held-out"
+    canvases = [data.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
     reference = None
     for cache, threshold in modes:
         result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, progress=False, cache=cache,
                                             threshold=threshold, **q)
         reference = reference or result
-        canvases = [data.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
         same = same_token_share(tokenizer, result["completions"], reference["completions"], canvases,
                                 model.cfg.mask_token_id)
         print(f"{workload:<30} {name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
