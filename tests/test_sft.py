@@ -7,7 +7,8 @@ Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
   last step);
 - distributed: `torchrun --nproc_per_node=2 sft.py` keeps the parameters identical on both ranks, reaches the
   parameters of one process that uses the same micro-batches, and (the docstring's promise, "the same run
-  over 2 CPU processes") the parameters of the plain one-process command with the same global batch;
+  over 2 CPU processes") the parameters of the plain one-process command with the same global batch; each
+  rank has its own stream of torch's global RNG (LoRA dropout's), rank 0 the one-process run's;
 - exact resume: a run killed with SIGKILL after its first checkpoint, whose out-dir also holds a
   half-written `.tmp-checkpoint-*` folder (a kill during a save), resumed with --resume, ends bitwise
   equal to the uninterrupted run, and its metrics.jsonl holds each step once;
@@ -123,6 +124,18 @@ def test_two_ranks_keep_parameters_identical(two_ranks):
     assert "parameters identical on all 2 ranks" in run.output
     assert (out / "model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))  # rank 0 alone logs
+
+
+def test_each_rank_has_its_own_dropout_stream(one_rank, two_ranks):
+    """torch's global RNG draws LoRA dropout alone, so its stream must differ across ranks (else every rank
+    drops the same units); rank 0 keeps the one-process run's. Read from the RNG states a checkpoint saves."""
+    def torch_rng(out):
+        return [state["torch"] for state in C.load_trainer_state(str(out[0] / checkpoints(out[0])[-1]))
+                ["trainer_state"]["rng"]]
+
+    (alone,), (rank0, rank1) = torch_rng(one_rank), torch_rng(two_ranks)
+    assert torch.equal(rank0, alone)
+    assert not torch.equal(rank0, rank1)
 
 
 def test_two_ranks_equal_one_rank_with_the_same_micro_batches(two_ranks, tmp_path):
