@@ -17,13 +17,11 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import tempfile
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -632,16 +630,15 @@ def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """torch's global RNG (LoRA dropout draws from it; data, masks and sampling noise use explicit generators)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"])  # older checkpoints also hold Python's and NumPy's, which nothing draws from
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
