@@ -2,7 +2,8 @@
 The GPU check, ready for the day a GPU is lent: at LLaDA-8B's shape with random weights (built on the meta
 device, materialised in bf16 on the GPU), with d1's per-device settings, it runs
 
-- the sampler alone: 6 completions of 256 tokens after a 200-token prompt, blocks of 32, 128 steps;
+- the sampler alone: 6 completions of 256 tokens after a 200-token prompt, blocks of 32, 128 steps; then the
+  same with the prefix and the dual key/value cache (their speed against the plain sampler's at 8B);
 - one diffu-GRPO step: rollouts as above, then the update with LoRA r 128 on q,k,v,up (mu 2, beta > 0: old
   and reference log-probs, two optimiser steps), with gradient checkpointing; then the same update without
   it, for its memory;
@@ -103,10 +104,10 @@ def random_ids(cfg, shape, device, seed):
     return torch.randint(0, cfg.mask_token_id, shape, generator=g).to(device)  # never the mask id
 
 
-def sample(model, shape, prompt_ids, device):
+def sample(model, shape, prompt_ids, device, cache="none"):
     with torch.no_grad(), M.autocast(device):
         return generate(model, prompt_ids, shape.diffusion_steps, shape.gen_length, shape.block_length, 0.9,
-                        mask_id=shape.config.mask_token_id, generator=data.generator(0, device=device))
+                        mask_id=shape.config.mask_token_id, generator=data.generator(0, device=device), cache=cache)
 
 
 def grpo_update(model, shape, sequences, optimizer, device):
@@ -161,13 +162,18 @@ def run_check(shape, device, dtype):
     cfg, report = shape.config, {}
     model = random_model(cfg, device, dtype)
     prompt_ids = random_ids(cfg, (shape.num_generations, shape.prompt_length), device, seed=1)
+    with torch.no_grad(), M.autocast(device):
+        model(prompt_ids)  # warm-up (kernel selection, allocator), so that the plain sampler's time is its own
 
-    t0 = start_phase(device)
-    sequences = sample(model, shape, prompt_ids, device)
-    seconds = elapsed(device, t0)
-    assert not (sequences == cfg.mask_token_id).any()
-    report["sampler"] = {"peak_gib": peak_gib(device), "s": seconds,
+    for cache in ("none", "prefix", "dual"):
+        t0 = start_phase(device)
+        sequences = sample(model, shape, prompt_ids, device, cache)
+        seconds = elapsed(device, t0)
+        assert not (sequences == cfg.mask_token_id).any()
+        phase = "sampler" if cache == "none" else f"sampler, {cache} cache"
+        report[phase] = {"peak_gib": peak_gib(device), "s": seconds,
                          "tok_per_s": shape.num_generations * shape.gen_length / seconds}
+        report[phase]["x_plain"] = report["sampler"]["s"] / seconds
 
     M.add_lora(model, shape.lora_r, shape.grpo_lora_alpha, 0.0, shape.grpo_targets)
     model.eval()  # grpo.py: rollouts and every log-prob with dropout off
@@ -215,7 +221,8 @@ def test_llada_8b_shape_fits_one_gpu():
 
 def test_the_check_runs_at_a_tiny_shape_on_the_cpu():
     report = run_check(TINY, torch.device("cpu"), torch.float32)
-    assert set(report) == {"sampler", "grpo step", "grpo update, no grad checkpointing", "sft step"}
+    assert set(report) == {"sampler", "sampler, prefix cache", "sampler, dual cache", "grpo step",
+                           "grpo update, no grad checkpointing", "sft step"}
     assert report["sampler"]["tok_per_s"] > 0 and report["grpo step"]["rollout_s"] > 0
 
 
