@@ -421,21 +421,24 @@ def save_final_model(model, tokenizer, out_dir, base_model, args):
     the adapter folder in PEFT's format. Every rank calls it (under FSDP the weights are gathered onto rank 0)."""
     weights = full_state_dict(model) if is_sharded(model) else None
     if ddp.rank() == 0:
-        if lora_modules(model):
-            save_adapter(model, out_dir, base_model, extra_files={"training_args.json": args})
-        else:
-            save_model(model, tokenizer, out_dir, extra_files={"training_args.json": args}, state=weights)
+        save_weights(model, tokenizer, out_dir, base_model, weights, extra_files={"training_args.json": args})
 
 
-def write_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep=1, state=None):
+def save_weights(model, tokenizer, path, base_model, state=None, extra_files=None):
+    """The adapter folder in PEFT's format (LoRA), else the full model in LLaDA's layout (`state`: the gathered
+    weights of a model sharded by FSDP, written in place of the model's own)."""
+    if lora_modules(model):
+        save_adapter(model, path, base_model, extra_files=extra_files)
+    else:
+        save_model(model, tokenizer, path, extra_files=extra_files, state=state)
+
+
+def write_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state, args, keep, state=None):
     """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints. `state`: the
     gathered weights of a model sharded by FSDP (full_state_dict), written in place of the model's own."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
-    if lora_modules(model):
-        save_adapter(model, os.path.join(tmp, "adapter"), base_model)
-    else:
-        save_model(model, tokenizer, os.path.join(tmp, "model"), state=state)
+    save_weights(model, tokenizer, os.path.join(tmp, "adapter" if lora_modules(model) else "model"), base_model, state)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "args": args}, f, indent=2)
@@ -478,7 +481,8 @@ def load_checkpoint_weights(path, model):
 def load_trainer_state(path):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    # our own file, written by save_checkpoint: it holds RNG states (numpy tuples), hence weights_only=False
+    # our own file, written by write_checkpoint; older ones hold Python's and NumPy's RNG states (tuples), hence
+    # weights_only=False
     # rank 0 wrote it; every rank reads it, memory-mapped: under FSDP it holds the full optimizer state, which
     # only rank 0 reads in full (load_full_optimizer_state)
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
@@ -616,7 +620,6 @@ def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
         if len(rng) != world_size:  # the data split, rollout noise and RNG streams depend on the world size
             raise SystemExit(f"--resume: {path} was written by a run of {len(rng)} ranks, this one has {world_size}: "
                              "resume it with as many")
-        state["trainer_state"]["rng"] = rng[rank]
         set_rng_state(rng[rank])
         # the steps a killed run logged after its checkpoint are computed again: drop them from its metrics
         truncate_jsonl(os.path.join(out_dir, METRICS_NAME), state["step"])
@@ -645,7 +648,7 @@ def set_rng_state(state):
 
 def log_jsonl(path, record):
     """Append one metrics record to a JSONL file (rank 0 alone writes)."""
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if ddp.rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
@@ -655,7 +658,7 @@ def log_jsonl(path, record):
 def truncate_jsonl(path, step):
     """Drop the records after `step` from a metrics JSONL: on resume, the steps a killed run logged after its last
     checkpoint are computed again, and must not appear twice (rank 0 alone writes)."""
-    if dist.is_initialized() and dist.get_rank() != 0 or not os.path.exists(path):
+    if ddp.rank() != 0 or not os.path.exists(path):
         return
     with open(path) as f:
         kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]

@@ -71,8 +71,7 @@ with torch.no_grad():
 N, prompt_length = sequences.shape[0], prompt_ids.shape[1]
 targets = sequences[:, prompt_length:]
 actions, texts = read_completions(tokenizer, targets, canvas, mask_id)  # as grpo.py reads its rollouts
-is_prompt = torch.ones_like(sequences, dtype=torch.bool)
-is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
+is_prompt = grpo.conditioning_mask(sequences, prompt_length, canvas, mask_id)
 attention_mask = None if prompt_mask is None else torch.cat([prompt_mask, torch.ones_like(targets)], dim=1)
 columns = {key: [e[key] for e in examples] for key in data.record_columns(examples[0])}
 reward = sum(w * torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, w in rewards.reward_functions(args.task))

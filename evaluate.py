@@ -159,6 +159,7 @@ def format_table(rows):
 # ---------------------------------------------------------------------------------------------------
 # Generating and scoring (also called by sft.py and grpo.py for their held-out accuracy)
 
+
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
                       device="cpu", progress=True, cache="none", threshold=None):

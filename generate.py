@@ -91,8 +91,7 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     - with either option, a pass runs only the rows that commit something at that step (LLaDA's sampler runs
       every row at every step with a pass), the LM head runs over the block's still-masked positions only, and
       at temperature > 0 a position's token is drawn from softmax(logits / temperature) with one uniform number
-      (inverse CDF), the same distribution as LLaDA's Gumbel-max over the whole vocabulary, whose noise costs as
-      much as a cached pass on a small model.
+      (inverse CDF), the same distribution as LLaDA's Gumbel-max, which needs a noise number per vocabulary entry.
     - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
       calls; cfg's two halves are one call), row_forward_passes (the rows each call ran, summed) and
       generated_tokens (positions sampled): forward passes per generated token = row / generated."""
@@ -249,11 +248,16 @@ def completion_text(tokenizer, completion_ids, stop_ids):
 
 BENCH_THRESHOLD = 0.9  # Fast-dLLM's tau
 # (a) speed at d1's rollout shape: batch, prompt length, gen_length, block_length, steps, temperature
-# (batch 4 keeps the run near ten minutes on a 2-core CPU; d1's rollouts sample 6 per device)
+# (batch 4, under d1's 6 rollouts per device, keeps the CPU run short)
 BENCH_SPEED_SHAPE = (4, 200, 256, 32, 128, 0.9)
 # (b) quality on a trained tiny_sudoku model, greedy, with several blocks per completion so that stale
 # caches can matter (the answer is 19 characters + EOS)
 BENCH_QUALITY_SHAPE = {"gen_length": 20, "block_length": 5, "steps": 20, "batch_size": 250}
+BENCH_MODES = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
+
+
+def mode_name(cache, threshold):
+    return ("plain" if cache == "none" else cache) + ("" if threshold is None else f" + threshold {threshold}")
 
 
 def same_token_share(tokenizer, texts, reference_texts, canvases, mask_id):
@@ -278,9 +282,6 @@ def bench(args):
     import checkpoint as C
     import data
 
-    modes = [(cache, threshold) for threshold in (None, BENCH_THRESHOLD) for cache in CACHE_MODES]
-    name = lambda cache, threshold: ("plain" if cache == "none" else cache) + (  # noqa: E731
-        "" if threshold is None else f" + threshold {threshold}")
     header = (f"{'workload':<30} {'sampler':<24} {'tok/s':>8} {'x plain':>8} {'fwd/token':>9} "
               f"{'accuracy':>8} {'same tokens':>11}")
     print(header + "\n" + "-" * len(header), flush=True)
@@ -291,14 +292,14 @@ def bench(args):
     prompt = torch.randint(0, model.cfg.vocab_size - 2, (B, Lp), generator=torch.Generator().manual_seed(0))
     model(prompt)  # warm-up
     plain = None
-    for cache, threshold in modes:
+    for cache, threshold in BENCH_MODES:
         stats = {}
         t0 = time.perf_counter()
         generate(model, prompt, steps, gen_length, block_length, temperature, mask_id=model.cfg.mask_token_id,
                  generator=torch.Generator().manual_seed(0), cache=cache, threshold=threshold, stats=stats)
         tokens_per_s = B * gen_length / (time.perf_counter() - t0)
         plain = plain or tokens_per_s
-        print(f"{workload:<30} {name(cache, threshold):<24} {tokens_per_s:>8.1f} {tokens_per_s / plain:>8.2f} "
+        print(f"{workload:<30} {mode_name(cache, threshold):<24} {tokens_per_s:>8.1f} {tokens_per_s / plain:>8.2f} "
               f"{forward_passes_per_token(stats):>9.3f} {'-':>8} {'-':>11}", flush=True)
 
     if not args.bench_model:
@@ -307,13 +308,13 @@ def bench(args):
     examples = data.test_examples("tiny_sudoku", "data/files")
     q = BENCH_QUALITY_SHAPE
     for path in args.bench_model:
-        bench_quality(path, examples, modes, name)
+        bench_quality(path, examples)
     print(f"(a) {steps} steps in blocks of {block_length}, temperature {temperature}; (b) gen_length "
           f"{q['gen_length']}, blocks of {q['block_length']}, {q['steps']} steps, greedy, batch {q['batch_size']}; "
           "fwd/token: forward passes x rows / generated tokens")
 
 
-def bench_quality(path, examples, modes, name):
+def bench_quality(path, examples):
     """The benchmark's workload (b) on one trained tiny_sudoku checkpoint: a row per sampler mode."""
     import checkpoint as C
     import data
@@ -324,13 +325,13 @@ def bench_quality(path, examples, modes, name):
     workload = f"(b) {os.path.basename(os.path.normpath(path))} {len(examples)} held-out"
     canvases = [data.encode_canvas(tokenizer, e, q["gen_length"], model.cfg.mask_token_id) for e in examples]
     reference = None
-    for cache, threshold in modes:
+    for cache, threshold in BENCH_MODES:
         result = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, progress=False, cache=cache,
                                             threshold=threshold, **q)
         reference = reference or result
         same = same_token_share(tokenizer, result["completions"], reference["completions"], canvases,
                                 model.cfg.mask_token_id)
-        print(f"{workload:<30} {name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
+        print(f"{workload:<30} {mode_name(cache, threshold):<24} {result['tokens_per_s']:>8.1f} "
               f"{result['tokens_per_s'] / reference['tokens_per_s']:>8.2f} {result['forward_passes_per_token']:>9.3f} "
               f"{100 * result['accuracy']:>7.1f}% {100 * same:>10.1f}%", flush=True)
 

@@ -94,6 +94,14 @@ def token_logprobs(logits, targets):
                                        reduction="none").view(-1, L) for i in range(0, B, rows)])
 
 
+def conditioning_mask(sequences, prompt_length, canvas, mask_id):
+    """is_prompt (N, L): the tokens the policy conditions on, the prompt and, in infilling tasks, the canvas
+    tokens the sampler was given (the rest of the completion is the policy's actions)."""
+    is_prompt = torch.ones_like(sequences, dtype=torch.bool)
+    is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
+    return is_prompt
+
+
 def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):
     """d1's one-pass log-prob estimator, its input (d1 Sec. 3.2): every completion token masked and each
     prompt token masked independently with probability p_mask_prompt. sequences (N, L); is_prompt (N, L)
@@ -327,9 +335,6 @@ if __name__ == "__main__":
         M.add_lora(model, args.lora_r, args.lora_alpha, 0.0, tuple(args.lora_targets.split(",")), args.seed)
     else:
         base_model = args.model
-    if lora:  # only the adapters train
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
     if not args.fsdp:
         model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -457,6 +462,9 @@ if __name__ == "__main__":
             M.sync_lora_reference(model, alpha)
 
 
+    # -----------------------------------------------------------------------------
+    # The loop
+
     def get_lr(optimizer_step):
         """Linear warm-up over --warmup-steps optimiser steps, then --lr-schedule over all max_steps x mu of them:
         constant (d1), linear decay to 0, or cosine decay to 10% of --lr; a function of the step alone, so a
@@ -468,9 +476,6 @@ if __name__ == "__main__":
         cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         return args.lr * {"constant": 1.0, "linear": 1 - progress, "cosine": cosine}[args.lr_schedule]
 
-
-    # -----------------------------------------------------------------------------
-    # The loop
 
     def held_out_accuracy():
         """Greedy accuracy on the held-out prompts (evaluate.py's function, sharded over the ranks)."""
@@ -516,17 +521,13 @@ if __name__ == "__main__":
 
         # 4-5. one prompt mask per inner iteration; old and reference log-probs for all of them, no grad
         t1 = time.time()
-        mask_seeds = [data.derive_seed(args.seed, step, k) if args.random_masking else data.derive_seed(args.seed)
-                      for k in range(args.num_iterations)]
-        # the conditioning tokens: the prompt, plus the canvas tokens of an infilling task
-        is_prompt = torch.ones_like(sequences, dtype=torch.bool)
-        is_prompt[:, prompt_length:] = False if canvas is None else canvas != mask_id
-        if args.estimator == "d1":  # one pass: the completion fully masked, the prompt at p_mask_prompt
-            perturbed = [estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
-                                           torch.Generator().manual_seed(s)) for s in mask_seeds]
-        else:  # coupled: two passes with complementary masks over the completion; (inputs, weights) per iteration
-            perturbed = [coupled_estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
-                                                   torch.Generator().manual_seed(s)) for s in mask_seeds]
+        mask_generators = [data.generator(args.seed, step, k) if args.random_masking else data.generator(args.seed)
+                           for k in range(args.num_iterations)]
+        is_prompt = conditioning_mask(sequences, prompt_length, canvas, mask_id)
+        # d1: one pass, the completion fully masked and the prompt at p_mask_prompt; coupled: two passes with
+        # complementary masks over the completion, (inputs, weights) per iteration
+        make_input = estimator_input if args.estimator == "d1" else coupled_estimator_input
+        perturbed = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g) for g in mask_generators]
         micro_batches = [slice(j, j + micro) for j in range(0, N, micro)]
 
         def estimated_logprobs(policy, k, mb):
@@ -610,7 +611,7 @@ if __name__ == "__main__":
                       + (f" | held-out {100 * record['eval_accuracy']:.1f}%" if "eval_accuracy" in record else ""))
         # SIGTERM (a preemption) on any rank: every rank stops after this same step, with a checkpoint
         preempted = not last_step and ddp.any_rank(ddp.sigterm_received())
-        if (preempted or args.save_every > 0 and (step + 1) % args.save_every == 0) and not last_step:
+        if not last_step and (preempted or args.save_every > 0 and (step + 1) % args.save_every == 0):
             save(step + 1)
         if preempted:
             bar.close()

@@ -93,8 +93,8 @@ class ModelConfig:
         }
 
 
-# Presets. "llada-8b" is LLaDA-8B-Instruct's shape. The tiny ones use the character tokenizer below
-# (their vocabulary and special ids are filled in from it by build_model).
+# Presets. "llada-8b" is LLaDA-8B-Instruct's shape. The tiny ones use checkpoint.py's character tokenizer
+# (their vocabulary and special ids are filled in from it by checkpoint.build_model).
 PRESETS = {
     "llada-8b": ModelConfig(),
     # ~200k parameters: small enough to learn 4x4 Sudoku on a laptop CPU
@@ -110,7 +110,7 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# The network. Module names follow LLaDA's modeling code so that the checkpoint table below is one
+# The network. Module names follow LLaDA's modeling code so that checkpoint.py's name table is one
 # prefix: our `blocks.3.q_proj.weight` is LLaDA's `model.transformer.blocks.3.q_proj.weight`.
 
 

@@ -248,10 +248,10 @@ if __name__ == "__main__":
 
     def get_lr(step):
         """Linear warm-up over --warmup-steps, then --lr-schedule: constant, linear decay to 0 (the Trainer default
-        d1's SFT used) or cosine decay to 10% of --lr at --max-steps; a function of the step alone, so a resumed run
-        needs nothing else. Under --max-seconds the schedule runs over the time budget when that ends first
-        (run_tiny.sh's baseline anneals within GRPO's wall time): the step it sees is the share of the budget spent,
-        averaged over ranks so that every rank sets the same lr."""
+        d1's SFT used) or cosine decay to 10% of --lr at --max-steps; without --max-seconds a function of the step
+        alone, so a resumed run needs nothing else. Under --max-seconds the schedule runs over the time budget when
+        that ends first (run_tiny.sh's baseline anneals within GRPO's wall time): the step it sees is the share of
+        the budget spent, averaged over ranks so that every rank sets the same lr."""
         if args.max_seconds > 0:
             spent = ddp.all_reduce_mean({"spent": (time.time() - t_start) / args.max_seconds})["spent"]
             step = max(step, int(spent * args.max_steps))

@@ -1,10 +1,10 @@
 """
-Helpers shared by the stage-script tests (test_sft.py, test_grpo.py, test_evaluate.py): running a script
-as a subprocess (one process, or two gloo ranks under torch.distributed.run), writing tiny starting
-checkpoints, and reading back what the scripts wrote (metrics.jsonl, parameters).
+Helpers shared by the tests that run scripts: running a script (one process inside the test process, as
+__main__; two gloo ranks or two nodes as torchrun subprocesses), writing tiny starting checkpoints, and reading
+back what the scripts wrote (metrics.jsonl, parameters).
 
-Every script runs from the repository root with OMP_NUM_THREADS=1 and writes only where its arguments
-say (the tests pass folders under tmp_path).
+Every script runs from the repository root (subprocesses with OMP_NUM_THREADS=1) and writes only where its
+arguments say (the tests pass folders under tmp_path).
 """
 
 import contextlib

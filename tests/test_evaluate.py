@@ -1,5 +1,5 @@
 """
-Guards evaluation, `evaluate.py`: run as a subprocess on tiny checkpoints, and `evaluate_examples` in process.
+Guards evaluation, `evaluate.py`: run as a script on tiny checkpoints, and `evaluate_examples` called directly.
 
 - `python evaluate.py --model DIR... --task tiny_sudoku --limit 16 --output-dir OUT` writes exactly one
   `*_0_generations.json` per model in d1's format (a generations list of question, prompt_input,

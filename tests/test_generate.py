@@ -5,19 +5,21 @@ semi-autoregressive blocks) and its CLI.
 - at temperature 0 the fast batched `generate` returns IDENTICAL tokens to a slow reference written here
   (one row at a time, plain torch.topk per row, LLaDA's algorithm as its paper states it, classifier-free
   guidance included), over several (steps, gen_length, block_length, cfg_scale, batch) settings, including
-  steps per block that do not divide the block length and more steps than tokens;
+  steps per block that do not divide the block length and more steps than tokens; at temperature > 0 the
+  plain sampler equals the reference drawing LLaDA's Gumbel noise the same way (with cfg and a canvas);
 - no mask token is left after sampling, not even when the model likes the mask token best;
 - determinism at a fixed generator seed at temperature > 0; the Gumbel noise (and the fast sampler's
-  inverse-CDF draw) samples softmax(logits / T);
+  inverse-CDF draw, also checked at the edges of u) samples softmax(logits / T);
 - infilling from a canvas (given tokens kept, against the same reference);
 - "random" remasking; left padding hidden by attention_mask; rows independent of their batch;
-- the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end.
+- the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end (with a
+  missing --bench-model folder refused).
 """
 
 
 import pytest
 import torch
-from helpers import assert_clean_error, run_script
+from helpers import assert_clean_error, digit_checkpoint, run_script
 
 import checkpoint as C
 import data
@@ -372,8 +374,6 @@ def test_cli_task_fills_the_blanks_of_a_tiny_sudoku_canvas(tmp_path):
     """`--task tiny_sudoku`: the sampler starts from the puzzle's answer grid (given cells written, the task's
     lengths), so the output is the puzzle's 4 rows with only its blanks filled, whatever the model (here one
     that writes digits); a malformed puzzle is a message."""
-    from helpers import digit_checkpoint
-
     path = digit_checkpoint(tmp_path / "digits")
     puzzle = "1024\n0230\n3002\n2043"
 

@@ -1,5 +1,6 @@
 """
-Guards stage 2, diffu-GRPO: `grpo_loss` and `estimator_input` from grpo.py, and `grpo.py` run as a subprocess.
+Guards stage 2, diffu-GRPO: `grpo_loss` and `estimator_input` from grpo.py, and `grpo.py` run as a script
+(in process, or under torchrun).
 
 - grpo_loss equals a slow reference written here with Python loops over rows and tokens (loss, KL, clip
   fraction, and the gradient with respect to the log-probs), on hand-made numbers: advantages of both signs
@@ -19,8 +20,8 @@ Guards stage 2, diffu-GRPO: `grpo_loss` and `estimator_input` from grpo.py, and 
   (b) + (d) + (e) LoRA with mu = 1 and beta > 0 (a crash in d1) and --sync-ref-every 1: an adapter folder
       that checkpoint.load_model loads on its base, a KL against the reference, a mixed reference adapter; its
       rollouts use the fast sampler (--rollout-cache dual --rollout-threshold): fewer forward passes per token;
-  (c) + (f) beta = 0 (KL exactly 0 in every record) with --scale-rewards group, run over 2 gloo ranks,
-      which keep the parameters identical;
+  (c) + (f) beta = 0 (no reference pass: 4 forward passes per update) with --scale-rewards group, run over
+      2 gloo ranks, which keep the parameters identical;
 - the advantages are centred per group: greedy rollouts (identical completions, equal rewards > 0) with beta 0
   leave the weights bitwise unchanged;
 - multi-node: two torchrun launchers of one process each (--nnodes 2, c10d on 127.0.0.1) end bitwise equal

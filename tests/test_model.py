@@ -8,7 +8,8 @@ Guards model.py (the LLaDA-compatible network, LoRA) and checkpoint.py (everythi
   of an independent slow reference forward, and clear errors for broken folders;
 - the offline tiny tokenizer: round trips, special ids, chat template, files that transformers reads;
 - LoRA: identity at init, what trains, adapters switched off, PEFT's adapter format, merged export;
-- the masked-diffusion primitives: forward masking, the SFT loss against a slow loop, per-token log-probs.
+- the masked-diffusion primitives (sft.py's forward_mask and sft_loss against a slow loop, grpo.py's
+  token_logprobs).
 """
 
 import json

@@ -7,7 +7,8 @@ Guards checkpoint.resume, the one resume routine of sft.py and grpo.py, in one p
   previous one, saying so; when none can be read it stops with a message, not a safetensors error;
 - a resume whose settings change the run is refused, naming each changed flag (what a tired user does:
   `--resume --num-generations 4` on a run trained with 8); flags that only extend the run may change;
-- a resume with another world size is refused.
+- a resume with another world size is refused;
+- rng_state / set_rng_state round-trip torch's global RNG.
 """
 
 import json
@@ -108,7 +109,7 @@ def test_a_resume_with_another_world_size_is_refused(make_model, tokenizer, tmp_
         assert json.load(f)["args"] == ARGS
 
 
-def test_seeding_and_rng_state_round_trip():
+def test_rng_state_round_trip():
     torch.manual_seed(3)
     state = C.rng_state()
     a = torch.rand(3)

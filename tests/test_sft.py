@@ -1,5 +1,5 @@
 """
-Guards stage 1, `sft.py` (masked SFT), run as a subprocess on the tiny preset:
+Guards stage 1, `sft.py` (masked SFT), run as a script on the tiny preset (in process, or under torchrun):
 
 - the loss path end to end: the run finishes and writes the final model in LLaDA's layout (config.json,
   model.safetensors, tokenizer files, training_args.json) to --out-dir, a resumable checkpoint-XXXXXX folder
@@ -396,8 +396,6 @@ def d1_preprocess(tokenizer, question, trajectory, max_length):
 
 def test_d1_sft_sequence_matches_d1_preprocessing():
     import copy
-
-    import data
 
     tokenizer = copy.deepcopy(C.build_tiny_tokenizer())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
