@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ddp
-from model import PRESETS, LLaDA, LoRALinear, ModelConfig, add_lora, lora_modules
+from model import LORA_TARGETS, PRESETS, LLaDA, LoRALinear, ModelConfig, add_lora, lora_modules
 
 # -----------------------------------------------------------------------------
 # Tokenizers: the tiny tasks' own, one token per character, built offline with `tokenizers` (its chat template is
@@ -101,13 +102,14 @@ def save_tokenizer(tokenizer, path):
         json.dump({k: config[k] for k in TOKENIZER_CONFIG_KEYS if k in config}, f, indent=2)
 
 
-def load_tokenizer(path):
-    """The tokenizer of a checkpoint folder (LLaDA's published one or ours). Loaded as the fast tokenizer
-    class directly: AutoTokenizer would read config.json's auto_map and ask to run LLaDA's remote code."""
+def load_tokenizer(path, base=None):
+    """The tokenizer of a checkpoint folder (LLaDA's published one or ours); an adapter folder without one
+    gives its base's (`base`: as for adapter_base). Loaded as the fast tokenizer class directly: AutoTokenizer
+    would read config.json's auto_map and ask to run LLaDA's remote code."""
     from transformers import PreTrainedTokenizerFast
 
     if is_adapter(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
-        path = adapter_base(path)
+        path = adapter_base(path, base)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a checkpoint folder")
     if not os.path.exists(os.path.join(path, "tokenizer.json")) and not os.path.exists(
@@ -158,14 +160,21 @@ def is_adapter(path):
     return os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME))
 
 
-def adapter_base(path):
-    """The base model folder a PEFT adapter folder names."""
+def adapter_base(path, base=None):
+    """The base model folder of a PEFT adapter folder: `base` when given (the scripts' --base-model), else the
+    one its adapter_config.json names. d1's adapters name a hub id (GSAI-ML/LLaDA-8B-Instruct), and nothing
+    here downloads: such a base must be given as a local folder."""
+    if base is not None:
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"--base-model {base!r} is not a folder (the base model of {path})")
+        return base
     with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base or not os.path.isdir(base):
-        raise FileNotFoundError(f"adapter {path} names base model {base!r}, which is not a folder here; "
-                                "edit base_model_name_or_path in its adapter_config.json")
-    return base
+        named = json.load(f).get("base_model_name_or_path")
+    if not named or not os.path.isdir(named):
+        raise FileNotFoundError(f"adapter {path} names base model {named!r}, which is not a local folder: "
+                                "pass --base-model DIR, the folder of that base model in LLaDA's layout, or "
+                                f"set base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG_NAME)}")
+    return named
 
 
 def checkpoint_shards(path):
@@ -191,13 +200,14 @@ def read_config(path):
         return ModelConfig.from_llada(json.load(f))
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
-    """Load a folder in LLaDA's layout (or a PEFT adapter folder on top of its base) into our model.
+def load_model(path, device="cpu", dtype=torch.float32, base=None):
+    """Load a folder in LLaDA's layout (or a PEFT adapter folder on top of its base) into our model. `base`
+    overrides the base folder an adapter names (adapter_base); a full checkpoint ignores it.
 
     Tensors stream one shard at a time, each converted to dtype on device and assigned into a model
     built on the meta device: host memory never holds a second copy of the weights."""
     if is_adapter(path):
-        model = load_model(adapter_base(path), device, dtype)
+        model = load_model(adapter_base(path, base), device, dtype)
         load_adapter(model, path)
         return model
     config_path = os.path.join(path, "config.json")
@@ -342,22 +352,39 @@ def save_adapter(model, path, base_model_name_or_path, extra_files=None):
 
 
 def load_adapter(model, path):
-    """Add the adapters saved at path (PEFT's format) to model, in place."""
+    """Add the adapters saved at path (PEFT's format) to model, in place.
+
+    Target names that match no module are skipped with one warning, as PEFT skips them: d1's adapters list
+    Llama's o_proj, gate_proj and down_proj (LLaDA's attn_out, ff_proj, ff_out), so PEFT adapted q, k, v and
+    up_proj alone and saved no tensors for the others. Tensors a file does hold for a skipped target have no
+    module to go to: they are ignored, and counted in the warning. No target matching is an error, as in
+    PEFT."""
     with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as f:
         c = json.load(f)
     if c.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {c.get('peft_type')!r}, only LORA adapters are supported")
+    targets = c["target_modules"]
+    if isinstance(targets, str):  # PEFT's other form, a regex over full module names
+        raise ValueError(f"{path}: target_modules is the pattern {targets!r}; only a list of names is read")
+    found = [t for t in targets if t in LORA_TARGETS]
+    skipped = [t for t in targets if t not in LORA_TARGETS]
+    if not found:
+        raise ValueError(f"adapter {path}: none of its target_modules {targets} names a module of the model; "
+                         f"the linears of its blocks are {list(LORA_TARGETS)}")
     if not lora_modules(model):
-        add_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), tuple(c["target_modules"]))
+        add_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), tuple(found))
     modules = dict(lora_modules(model))
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     if not os.path.exists(weights_path):
         raise FileNotFoundError(f"adapter folder {path} has no {ADAPTER_WEIGHTS_NAME}")
     pattern = re.compile(r"^base_model\.model\.model\.transformer\.(.+)\.(lora_A|lora_B)\.weight$")
-    loaded = set()
+    loaded, ignored = set(), 0
     with safe_open(weights_path, framework="pt", device="cpu") as f:
         for key in f.keys():
             match = pattern.match(key)
+            if match and match.group(1) not in modules and match.group(1).rpartition(".")[2] in skipped:
+                ignored += 1
+                continue
             if not match or match.group(1) not in modules:
                 raise KeyError(f"unknown adapter tensor {key!r} in {weights_path}")
             target = getattr(modules[match.group(1)], match.group(2))
@@ -371,6 +398,10 @@ def load_adapter(model, path):
     missing = set(adapter_state(model)) - loaded
     if missing:
         raise KeyError(f"adapter {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+    if skipped and ddp.rank() == 0:
+        ignored_note = f"; {ignored} tensors saved for them ignored" if ignored else ""
+        warnings.warn(f"adapter {path}: target_modules {skipped} match no module of the model and are "
+                      f"skipped (as PEFT skips them); adapted: {found}{ignored_note}")
     return model
 
 
@@ -383,11 +414,13 @@ def checkpoint_dtype(path):
         return SAFETENSORS_DTYPES[f.get_slice(next(iter(f.keys()))).get_dtype()]
 
 
-def merge_adapter(adapter, out):
-    """Fold a LoRA adapter into its base and write a full checkpoint in the base's dtype: the base is loaded
-    in that dtype (16 GB at 8B in bf16, not 32 GB of fp32) and each delta is added in fp32 (merged_state)."""
-    base = adapter_base(adapter)
-    save_model(load_model(adapter, dtype=checkpoint_dtype(base)), load_tokenizer(adapter), out)
+def merge_adapter(adapter, out, base=None):
+    """Fold a LoRA adapter into its base (`base`: as for adapter_base) and write a full checkpoint in the
+    base's dtype: the base is loaded in that dtype (16 GB at 8B in bf16, not 32 GB of fp32) and each delta is
+    added in fp32 (merged_state)."""
+    base = adapter_base(adapter, base)
+    model = load_model(adapter, dtype=checkpoint_dtype(base), base=base)
+    save_model(model, load_tokenizer(adapter, base), out)
 
 
 # -----------------------------------------------------------------------------
@@ -677,8 +710,14 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["merge"], help="what to do")
     parser.add_argument("adapter", help="adapter folder (adapter_config.json names the base)")
     parser.add_argument("out", help="where the merged checkpoint is written")
+    parser.add_argument("--base-model", default=None, help="the base model folder (default: the one "
+                        "adapter_config.json names; d1's adapters name a hub id, which is no folder here)")
     args = parser.parse_args()
     if not is_adapter(args.adapter):
         raise SystemExit(f"{args.adapter} has no {ADAPTER_CONFIG_NAME}: not a LoRA adapter folder")
-    merge_adapter(args.adapter, args.out)
-    print(f"merged {args.adapter} into {adapter_base(args.adapter)} -> {args.out}")
+    try:
+        base = adapter_base(args.adapter, args.base_model)
+    except FileNotFoundError as err:  # a user error: the message says what to pass
+        raise SystemExit(str(err)) from None
+    merge_adapter(args.adapter, args.out, base)
+    print(f"merged {args.adapter} into {base} -> {args.out}")

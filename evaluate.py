@@ -160,19 +160,26 @@ def format_table(rows):
 # Generating and scoring (also called by sft.py and grpo.py for their held-out accuracy)
 
 
+def encode_eval_prompt(tokenizer, example):
+    """An evaluation prompt's ids as d1's evaluation makes them: the tokenizer called with its default
+    add_special_tokens=True on the templated text (rollouts pass False, as TRL does)."""
+    return data.encode_prompt(tokenizer, example["prompt"], example["prefill"], add_special_tokens=True)
+
+
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
-                      device="cpu", progress=True, cache="none", threshold=None):
+                      device="cpu", progress=True, cache="none", threshold=None, autocast_dtype=torch.bfloat16):
     """Greedy completions of `examples`, sharded over ranks (every world_size-th example), gathered and
     scored with rewards.score. Every rank returns the same dict: accuracy (fraction), correct, total,
     count, completions (in example order; the decoded text of all gen_length tokens, special tokens included, as d1
     stores it), effective_tokens (mean tokens before the first stop token), tokens_per_s, wall_s, the
     sampler's cache and threshold (generate's fast-sampler options) with its forward_passes_per_token, and
-    for Sudoku valid_rate (complete valid grids that keep the given cells)."""
+    for Sudoku valid_rate (complete valid grids that keep the given cells). autocast_dtype is the GPU's
+    autocast dtype (d1 evaluates under torch.autocast("cuda"), i.e. float16)."""
     rank, world = ddp.rank(), ddp.world_size()
     mask_id, stop_ids = C.mask_token_id(tokenizer), C.stop_token_ids(tokenizer)
     mine = list(range(len(examples)))[rank::world]
-    prompts = {i: data.encode_prompt(tokenizer, examples[i]["prompt"], examples[i]["prefill"]) for i in mine}
+    prompts = {i: encode_eval_prompt(tokenizer, examples[i]) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     completions, lengths, stats = {}, {}, {}
     t0 = time.time()
@@ -183,7 +190,7 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
         canvases = [data.encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
         canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
         try:
-            with M.autocast(device):
+            with M.autocast(device, autocast_dtype):
                 out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
                                attention_mask=attention_mask, canvas=canvas, cache=cache, threshold=threshold,
                                stats=stats)
@@ -233,7 +240,7 @@ def model_names(paths):
 def write_generations(path, examples, result, tokenizer, settings):
     """One file in d1's generations JSON format, plus the settings, metrics and wall time."""
     items = [{"question": ex["question"],
-              "prompt_input": tokenizer.decode(data.encode_prompt(tokenizer, ex["prompt"], ex["prefill"])),
+              "prompt_input": tokenizer.decode(encode_eval_prompt(tokenizer, ex)),
               "generations": text, "ground_truth": ex["ground_truth"]}
              for ex, text in zip(examples, result["completions"])]
     metrics = {k: v for k, v in result.items() if k != "completions"}
@@ -250,6 +257,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
     parser.add_argument("--model", nargs="+", help="checkpoint folder(s): ours, a LoRA adapter folder, or LLaDA's "
                         "published layout; several are evaluated in turn and compared in one table")
+    parser.add_argument("--base-model", default=None, help="the base model folder of adapter --model folders "
+                        "(default: the one each adapter_config.json names; d1's adapters name a hub id)")
     parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS[:-1], help="test set to evaluate on")
     parser.add_argument("--data-dir", default="data/files", help="where downloaded test sets live")
     parser.add_argument("--gen-length", type=int, default=None, help="tokens generated (d1: 128, 256, 512)")
@@ -262,6 +271,8 @@ if __name__ == "__main__":
     parser.add_argument("--threshold", type=float, default=None,
                         help="confidence-threshold parallel decoding: commit every position at least this "
                              "confident (Fast-dLLM: 0.9); default: the fixed step schedule")
+    parser.add_argument("--autocast-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="the sampler's autocast dtype on GPUs (d1's evaluation: float16); CPUs run fp32")
     parser.add_argument("--output-dir", default="out/eval", help="where the generations file is written")
     parser.add_argument("--rescore", nargs="+", metavar="PATH",
                         help="score generation files (or folders of *_generations.json) instead of generating")
@@ -295,10 +306,11 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     summary = {}
     for model_path, name in zip(args.model, model_names(args.model)):
-        tokenizer = C.load_tokenizer(model_path)
-        model = C.load_model(model_path, device, dtype).eval()
+        tokenizer = C.load_tokenizer(model_path, args.base_model)
+        model = C.load_model(model_path, device, dtype, args.base_model).eval()
         ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
-        result = evaluate_examples(model, tokenizer, args.task, examples, device=device, **settings)
+        result = evaluate_examples(model, tokenizer, args.task, examples, device=device,
+                                   autocast_dtype=getattr(torch, args.autocast_dtype), **settings)
         del model
         if rank == 0:
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
@@ -307,7 +319,8 @@ if __name__ == "__main__":
             path = os.path.join(args.output_dir,
                                 f"{args.task}_{tag}_{gen_length}_{settings['steps']}{sampler}_0_generations.json")
             write_generations(path, examples, result, tokenizer,
-                              {"model_path": model_path, "task": args.task, "world_size": world_size, **settings})
+                              {"model_path": model_path, "task": args.task, "world_size": world_size,
+                               "autocast_dtype": args.autocast_dtype, **settings})
             print(format_table(rescore([path])))
             line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated "
                     f"tok/s | {result['forward_passes_per_token']:.3f} forward passes per generated token | "

@@ -51,8 +51,9 @@ as prompt tokens (masking them like actions, as d1 masks a whole completion, mad
         --lora-r 128 --lora-alpha 64 --lora-targets q_proj,k_proj,v_proj,up_proj --prompts-per-step 16 \\
         --num-generations 6 --gradient-accumulation-steps 2 --max-prompt-length 200 --max-completion-length 256 \\
         --block-length 32 --diffusion-steps 128 --temperature 0.9 --num-iterations 12 --beta 0.04 --epsilon 0.5 \\
-        --lr 3e-6 --lr-schedule constant --max-grad-norm 0.2 --sync-ref-every 64 --grad-checkpointing \\
-        --max-steps 5000 --out-dir out/grpo-gsm8k      # the README has every task's recipe (mu 8 for countdown, sudoku)
+        --lr 3e-6 --lr-schedule constant_with_warmup --warmup-ratio 0.0001 --adam-beta2 0.99 --weight-decay 0.1 \\
+        --max-grad-norm 0.2 --grad-checkpointing --max-steps 642 --save-every 8 --eval-every 8 \\
+        --eval-examples 256 --out-dir out/grpo-gsm8k   # 7,704 updates; the README has every task's budget
     torchrun --nnodes 2 --nproc_per_node=8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT grpo.py ...  # each node
 """
 
@@ -158,6 +159,16 @@ def coupled_logprobs(policy, inputs, weights, sequences, attention_mask=None, pr
     return (weights[:, :, prompt_length:] * logp).sum(dim=0)
 
 
+def group_advantages(rewards, num_generations, scale_rewards="none"):
+    """A_i = r_i - mean(r_1..r_G) within each group of G contiguous completions (d1 does not divide by the
+    group's std, TRL's default; scale_rewards="group" does, with TRL's + 1e-4). rewards (N,) -> (N, 1)."""
+    grouped = rewards.view(-1, num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1, 1)
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta):
     """The clipped diffu-GRPO objective (d1 eq. 3, with the k3 KL estimate), averaged over the masked-in
     completion tokens. logp, old_logp, ref_logp (N, T) per-token log-probs (ref_logp None when beta = 0),
@@ -176,6 +187,30 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high,
     was_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
     clip_fraction = (was_clipped.float() * mask).sum() / denominator
     return (loss_tok * mask).sum() / denominator, kl.detach(), clip_fraction.detach()
+
+
+def d1_clip_ratio(logp, old_logp, advantages, mask, epsilon, epsilon_high):
+    """The clip_ratio d1 logs (TRL's definition at d1's pinned commit): the share of tokens whose unclipped term is
+    below the clipped one, i.e. outside the range on the side where the clip does not bind (ratio < 1 - eps with
+    A > 0, ratio > 1 + eps with A < 0). grpo_loss's clip fraction counts where it binds; this one compares with
+    d1's logs. Arguments as grpo_loss's."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
+    return (((unclipped < clipped).float() * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def learning_rate(optimizer_step, peak, schedule, warmup_steps, total_steps):
+    """The lr of an optimiser step: linear warm-up to `peak` over warmup_steps, then `schedule` over the rest
+    of total_steps: constant, linear decay to 0, or cosine decay to 10% of peak. constant_with_warmup is HF's
+    schedule as d1 runs it (peak x step / warmup_steps, so the first step's lr is 0). A function of the step
+    alone, so a resumed run needs nothing else."""
+    if schedule == "constant_with_warmup":
+        return peak * (optimizer_step / warmup_steps if optimizer_step < warmup_steps else 1.0)
+    if optimizer_step < warmup_steps:
+        return peak * (optimizer_step + 1) / warmup_steps
+    progress = min(1.0, (optimizer_step - warmup_steps) / max(1, total_steps - warmup_steps))
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * {"constant": 1.0, "linear": 1 - progress, "cosine": cosine}[schedule]
 
 
 def wd1_weights(grouped_advantages):
@@ -206,6 +241,8 @@ if __name__ == "__main__":
     # Model and data
     parser.add_argument("--model", default="out/sft", help="the starting checkpoint: a folder in LLaDA's layout "
                         "(e.g. sft.py's --out-dir) or a LoRA adapter folder (its training continues)")
+    parser.add_argument("--base-model", default=None, help="the base model folder of an adapter --model "
+                        "(default: the one its adapter_config.json names; d1's adapters name a hub id)")
     parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS, help="prompts and rewards")
     parser.add_argument("--split", default=None, help="prompt split (default: 'rl' for tiny_sudoku, else 'train')")
     parser.add_argument("--data-dir", default="data/files", help="where downloaded datasets live")
@@ -255,9 +292,14 @@ if __name__ == "__main__":
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (d1, 8B with LoRA: 3e-6)")
     # the tiny default anneals, which steadies its held-out accuracy from one evaluation to the next
-    parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine", "linear"],
-                        help="after warm-up (d1: constant)")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up, in optimiser steps")
+    parser.add_argument("--lr-schedule", default="cosine",
+                        choices=["constant", "cosine", "linear", "constant_with_warmup"],
+                        help="after warm-up; constant_with_warmup is HF's, lr x step / warm-up (d1's)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="linear warm-up, in optimiser steps (default 5, or from --warmup-ratio)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0,
+                        help="warm-up as a share of the run's max_steps x mu optimiser steps, rounded up as HF "
+                             "does (d1: 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     parser.add_argument("--adam-beta2", type=float, default=0.99, help="AdamW beta2 (beta1 0.9)")
     parser.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping; 0 = off")
@@ -277,6 +319,14 @@ if __name__ == "__main__":
     else:
         args.beta = 0.04 if args.beta is None else args.beta
         args.epsilon = 0.5 if args.epsilon is None else args.epsilon
+    if args.warmup_ratio and args.warmup_steps is not None:
+        raise SystemExit("give --warmup-steps or --warmup-ratio, not both")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise SystemExit(f"--warmup-ratio {args.warmup_ratio}: a share of the run's optimiser steps, in [0, 1]")
+    if args.warmup_ratio:  # HF's get_warmup_steps, over this run's optimiser steps
+        warmup_steps = math.ceil(args.warmup_ratio * args.max_steps * args.num_iterations)
+    else:
+        args.warmup_steps = warmup_steps = 5 if args.warmup_steps is None else args.warmup_steps
 
     # -----------------------------------------------------------------------------
     # Distributed init and the batch arithmetic
@@ -315,7 +365,7 @@ if __name__ == "__main__":
     if not os.path.isdir(args.model):
         raise SystemExit(f"--model {args.model!r} is not a folder. The tiny default starts from the SFT checkpoint: "
                          "run `python sft.py` first (it writes out/sft), or pass --model DIR.")
-    tokenizer = C.load_tokenizer(args.model)
+    tokenizer = C.load_tokenizer(args.model, args.base_model)
     lora = C.is_adapter(args.model) or args.lora_r > 0
     if args.fsdp and (lora or world_size == 1):
         raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r and "
@@ -327,9 +377,9 @@ if __name__ == "__main__":
     # a frozen base under LoRA can sit in bf16 on a GPU; weights that train stay fp32 (autocast runs bf16)
     # (under FSDP the weights stay on the CPU until fully_shard moves each block's slice to the GPU)
     model = C.load_model(args.model, "cpu" if args.fsdp else device,
-                         torch.bfloat16 if device.type == "cuda" and lora else torch.float32)
+                         torch.bfloat16 if device.type == "cuda" and lora else torch.float32, args.base_model)
     if C.is_adapter(args.model):
-        base_model = C.adapter_base(args.model)  # continue training the given adapter
+        base_model = C.adapter_base(args.model, args.base_model)  # continue training the given adapter
     elif args.lora_r > 0:
         base_model = args.model
         M.add_lora(model, args.lora_r, args.lora_alpha, 0.0, tuple(args.lora_targets.split(",")), args.seed)
@@ -465,18 +515,6 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # The loop
 
-    def get_lr(optimizer_step):
-        """Linear warm-up over --warmup-steps optimiser steps, then --lr-schedule over all max_steps x mu of them:
-        constant (d1), linear decay to 0, or cosine decay to 10% of --lr; a function of the step alone, so a
-        resumed run needs nothing else."""
-        total = args.max_steps * args.num_iterations
-        if optimizer_step < args.warmup_steps:
-            return args.lr * (optimizer_step + 1) / args.warmup_steps
-        progress = min(1.0, (optimizer_step - args.warmup_steps) / max(1, total - args.warmup_steps))
-        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        return args.lr * {"constant": 1.0, "linear": 1 - progress, "cosine": cosine}[args.lr_schedule]
-
-
     def held_out_accuracy():
         """Greedy accuracy on the held-out prompts (evaluate.py's function, sharded over the ranks)."""
         with ddp.unsharded(model):  # FSDP: ranks run different numbers of forward passes here
@@ -512,12 +550,11 @@ if __name__ == "__main__":
 
         # 3. advantages within each group of G
         grouped = reward.view(-1, args.num_generations)
-        advantages = grouped - grouped.mean(dim=1, keepdim=True)
-        if args.scale_rewards == "group":
-            advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+        advantages = group_advantages(reward, args.num_generations, args.scale_rewards)  # (N, 1)
         if args.objective == "wd1":  # each completion's w+ - w- within its group
-            likelihood_weights = wd1_weights(advantages).reshape(-1, 1).to(device)  # (N, 1)
-        advantages = advantages.reshape(-1, 1).to(device)  # (N, 1), broadcast over tokens
+            grouped_advantages = advantages.view(-1, args.num_generations)
+            likelihood_weights = wd1_weights(grouped_advantages).reshape(-1, 1).to(device)  # (N, 1)
+        advantages = advantages.to(device)  # broadcast over tokens
 
         # 4-5. one prompt mask per inner iteration; old and reference log-probs for all of them, no grad
         t1 = time.time()
@@ -554,16 +591,18 @@ if __name__ == "__main__":
                 ref_logps = [logprobs_no_grad(ref, k) for k in range(args.num_iterations)]
 
         # 6. mu inner iterations, iteration k on mask k, one optimiser step each
-        stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0, "first_ratio_error": 0.0}
+        stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_d1": 0.0, "grad_norm": 0.0,
+                 "first_ratio_error": 0.0}
         for k in range(args.num_iterations):
-            lr = get_lr(optimizer_step)
+            lr = learning_rate(optimizer_step, args.lr, args.lr_schedule, warmup_steps,
+                               args.max_steps * args.num_iterations)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for mb in micro_batches:
                 logp = estimated_logprobs(model, k, mb)
                 if args.objective == "wd1":  # ratio-free: the weighted log-likelihood of the current policy alone
                     loss = wd1_loss(logp, completion_mask[mb].float(), likelihood_weights[mb], len(logp) / args.num_generations)
-                    kl = clip_fraction = torch.zeros(())
+                    kl = clip_fraction = clip_d1 = torch.zeros(())
                 else:
                     old = old_logps[k][mb] if old_logps is not None else logp.detach()  # mu = 1: ratio 1
                     if k == 0:  # the policy has not moved yet: the ratio must be exactly 1
@@ -571,8 +610,11 @@ if __name__ == "__main__":
                     loss, kl, clip_fraction = grpo_loss(logp, old, None if ref_logps is None else ref_logps[k][mb],
                                                           advantages[mb], completion_mask[mb].float(), args.epsilon,
                                                           epsilon_high, args.beta)
+                    clip_d1 = d1_clip_ratio(logp.detach(), old, advantages[mb], completion_mask[mb].float(),
+                                            args.epsilon, epsilon_high)
                 (loss / len(micro_batches)).backward()
-                for name, value in (("loss", loss), ("kl", kl), ("clip_ratio", clip_fraction)):
+                for name, value in (("loss", loss), ("kl", kl), ("clip_ratio", clip_fraction),
+                                    ("clip_ratio_d1", clip_d1)):
                     stats[name] += value.item() / len(micro_batches) / args.num_iterations
             ddp.all_reduce_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))

@@ -274,10 +274,10 @@ class LLaDA(nn.Module):
         return (logits, kv) if return_kv else logits
 
 
-def autocast(device):
-    """bf16 autocast on GPUs; plain fp32 on CPUs (most CPUs run bf16 matmuls far slower than fp32)."""
+def autocast(device, dtype=torch.bfloat16):
+    """bf16 (or `dtype`) autocast on GPUs; plain fp32 on CPUs (most CPUs run bf16 matmuls far slower than fp32)."""
     if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -357,7 +357,8 @@ def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     Returns the model, whose trainable parameters are now the adapters alone."""
     bad = set(targets) - set(LORA_TARGETS)
     if bad:
-        raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
+        raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS} (LLaDA's names for "
+                         "Llama's o_proj, gate_proj and down_proj are attn_out, ff_proj and ff_out)")
     generator = torch.Generator().manual_seed(seed)  # A's init; B starts at zero so the model is unchanged
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,23 +5,23 @@ each completion in [0, 1] (or d1's 0.1 partial credit), every column a list alig
 completions (d1's names: `answer`; `numbers`, `target`; `puzzle`, `solution`); the weights carry
 d1's scales, so the weighted sum is d1's reward (diffu-grpo/reward_func.py). Evaluation calls
 `score(task, completion, **columns) -> (correct, total)`, which parses as d1's evaluation does
-(eval/parse_and_get_acc.py: \boxed{} first, then the answer tags) and reproduces d1's accuracies on
+(eval/parse_and_get_acc.py: \\boxed{} first, then the answer tags) and reproduces d1's accuracies on
 its released generations (evaluate.py --rescore). Both end in the same checkers (`is_equiv`,
 `check_countdown`, `sudoku_cells_correct`).
 
 A completion is untrusted text: nothing here calls eval/exec, text past MAX_COMPLETION_CHARS is
 ignored, and every parse is linear in the text. d1's regular expressions are used as written; where
 Python's re is quadratic on hostile text, one is applied only where it can match, or a parser
-replaces it (hostile.py pairs each with d1's call: tests fuzz the two equal, --bench times both).
+replaces it (bench/hostile.py pairs each with d1's call: tests fuzz the two equal, and
+`python -m bench.rewards` times both).
 
 Where d1's code does not do what it says, we do what it says:
-- boxed_in_answer's `"\boxed"` is not a raw string (a backspace), so it never fires;
+- boxed_in_answer's `"\\boxed"` is not a raw string (a backspace), so it never fires;
 - the Countdown check runs eval() on model text (`9**9**9**9` hangs training);
 - the integer reward's str.isdigit accepts superscripts and other scripts' digits;
 - the first format regexes lacked re.DOTALL, so multi-line reasoning never matched.
 """
 
-import argparse
 import itertools
 import re
 from fractions import Fraction
@@ -280,17 +280,22 @@ def math_correctness_reward(completions, answer, **columns):
 
 
 def boxed_in_answer_reward(completions, **columns):
-    """1.0 when a \\boxed answer sits inside the first answer tags (weight 0.5).
+    """d1's MATH format reward, boxed_and_answer_tags_format_reward (weight 1.0): half of
+    boxed_in_answer's +1 for answer tags plus +1 for a \\boxed inside them (else +0.5), so 1.0 for a
+    box in the tags, 0.75 for tags without one, 0.5 for a box without tags, 0.25 for neither.
 
-    d1's boxed_in_answer gives +1 for answer tags and +1 for a boxed answer inside them (else +0.5),
-    halved; but its test `"\\boxed" in r` looks for a backspace, so it paid 0.75 for any answer
-    tags and 0.25 without. We reward what the name says.
+    d1 tests `"\\boxed" in r` without a raw string (a backspace), which never fires: it paid 0.75 with
+    answer tags and 0.25 without. We fix that string only; with no <answer> the whole completion is
+    searched, as d1's except branch leaves it.
     """
     out = []
     for c in completions:
-        # d1's r.split("<answer>")[1].split("</answer>")[0]
-        inside = _text(c).partition(ANSWER_OPEN)[2].partition(ANSWER_OPEN)[0].partition(ANSWER_CLOSE)[0]
-        out.append(1.0 if "\\boxed" in inside else 0.0)
+        text = _text(c)
+        # d1's r.split("<answer>")[1].split("</answer>")[0], which raises when there is no <answer>
+        tagged = ANSWER_OPEN in text
+        if tagged:
+            text = text.partition(ANSWER_OPEN)[2].partition(ANSWER_OPEN)[0].partition(ANSWER_CLOSE)[0]
+        out.append(0.5 * ((1.0 if tagged else 0.0) + (1.0 if "\\boxed" in text else 0.5)))
     return out
 
 
@@ -574,7 +579,7 @@ def reward_functions(task):
     table = {
         "gsm8k": [(xml_count_reward, 0.5), (soft_format_reward, 0.5), (strict_format_reward, 0.5),
                   (integer_answer_reward, 0.5), (gsm8k_correctness_reward, 2.0)],
-        "math500": [(math_correctness_reward, 2.0), (boxed_in_answer_reward, 0.5)],
+        "math500": [(math_correctness_reward, 2.0), (boxed_in_answer_reward, 1.0)],
         "countdown": [(countdown_reward, 1.0)],
         "sudoku": [(sudoku_reward, 1.0)],
         "tiny_sudoku": [(tiny_sudoku_cells_reward, 1.0), (tiny_sudoku_solved_reward, 1.0)],
@@ -610,13 +615,3 @@ def score(task, completion, **columns):
         return int(first_digits(text) == columns["solution"]), 1
     raise ValueError(f"no score for task {task!r}")
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="time d1's expressions and every reward on hostile text")
-    parser.add_argument("--num-completions", type=int, default=100_000, help="hostile completions to time")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    import hostile  # the benchmark lives with the hostile corpus it times
-    hostile.bench(args.num_completions)

@@ -97,11 +97,13 @@ def test_examples(task, data_dir, limit=None):
     return examples[:limit] if limit is not None else examples
 
 
-def encode_prompt(tokenizer, messages, prefill=""):
+def encode_prompt(tokenizer, messages, prefill="", add_special_tokens=False):
     """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's evaluation
-    appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5."""
+    appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5. Rollouts
+    encode as TRL does (add_special_tokens=False: the template already holds the BOS); d1's evaluation calls
+    the tokenizer with its default, True, which adds whatever the tokenizer's post-processor adds."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + prefill, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def sft_tokens(tokenizer, example):

@@ -168,7 +168,8 @@ Your step-by-step solving process
 
 SUDOKU_TEST_FILE = "4x4_test_sudoku.csv"          # d1's dataset/ file name
 SUDOKU_TRAIN_BLANKS = (6, 10)                      # around d1's test puzzles, which all have 8 blanks
-DEFAULT_GENERATED_EXAMPLES = 20000
+# more than the 2188 x 16 = 35,008 prompts of the 8B recipe's Sudoku run, so that no puzzle comes twice
+DEFAULT_GENERATED_EXAMPLES = 40000
 
 
 def rows_text(grid):

@@ -209,14 +209,14 @@ def gsm8k_examples(split, *, data_dir, style, limit):
 
 
 def math500_examples(split, *, data_dir, style, limit):
-    """MATH problems. The answer column is the `answer` field when the file has one (MATH-500),
-    else the last \\boxed{} of the solution (ankner/math-500, whose answer d1 reads the same way)."""
+    """MATH problems. The answer column is the last \\boxed{} of the solution in the training split (d1's rewards
+    read it so), and in the test split the `answer` field when the file has one (MATH-500, as d1's evaluation)."""
     path, rows = read_task_file("math500", data_dir, split, limit)
     records = []
     for line_number, row in rows:
         problem = field(path, line_number, row, "problem", str)
         solution = field(path, line_number, row, "solution", str)
-        if "answer" in row:
+        if "answer" in row and split != "train":
             answer = field(path, line_number, row, "answer", str)
         else:
             boxed = last_boxed_only_string(solution)

@@ -14,7 +14,7 @@ and threshold (confidence-threshold parallel decoding, Fast-dLLM).
   the batch it is in, in every cache mode and with cfg, although rows finish their blocks at different
   steps (finished rows leave the pass and its cache);
 - `stats` counts forward passes and generated tokens; argument errors;
-- `python generate.py --bench` (shrunk): one table, a row per mode and workload; it leaves autograd on.
+- `python -m bench.sampler` (shrunk): one table, a row per mode and workload; it leaves autograd on.
 """
 
 import pytest
@@ -25,6 +25,7 @@ from test_generate import (FixedLogitsModel, at_positions, padded_prompts, rando
 import checkpoint as C
 import generate as G
 import model as M
+from bench import sampler
 
 MODES = ("none", "prefix", "dual")
 
@@ -242,22 +243,20 @@ def test_argument_errors(make_model):
 
 
 def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
-    """`python generate.py --bench --bench-model DIR DIR`, shrunk: a small random model and shape for (a), two
+    """`python -m bench.sampler --model DIR DIR`, shrunk: a small random model and shape for (a), two
     saved tiny checkpoints on 4 held-out puzzles for (b); one row per mode and workload with its passes per token
-    and, in (b), percentages. Without --bench-model, (b) is skipped with a note."""
-    import argparse
-
+    and, in (b), percentages. Without --model, (b) is skipped with a note."""
     import data
 
     tokenizer = C.build_tiny_tokenizer()
     paths = [str(tmp_path / name) for name in ("tiny", "tiny2")]
     for seed, path in enumerate(paths):
         C.save_model(C.build_model("tiny", tokenizer, seed=seed), tokenizer, path)
-    monkeypatch.setattr(G, "BENCH_SPEED_SHAPE", (2, 6, 8, 4, 4, 0.9))
+    monkeypatch.setattr(sampler, "BENCH_SPEED_SHAPE", (2, 6, 8, 4, 4, 0.9))
     monkeypatch.setattr(C, "build_model", lambda preset: make_model(seed=0))
     examples = data.test_examples("tiny_sudoku", "data/files", 4)
     monkeypatch.setattr(data, "test_examples", lambda task, data_dir: examples)
-    G.bench(argparse.Namespace(bench_model=paths))
+    sampler.bench(paths)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("(a) bench", "(b) tiny"))]
     assert len(rows) == 18, rows
     names = ["plain", "prefix", "dual", "plain + threshold 0.9", "prefix + threshold 0.9", "dual + threshold 0.9"]
@@ -272,6 +271,6 @@ def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     for row in rows[6:]:  # (b): an accuracy and a share of plain's tokens, both percentages
         accuracy, same = (float(field.rstrip("%")) for field in row.split()[-2:])
         assert 0 <= accuracy <= 100 and 0 <= same <= 100, row
-    G.bench(argparse.Namespace(bench_model=[]))
-    assert "(b) skipped: pass --bench-model" in capsys.readouterr().out
+    sampler.bench([])
+    assert "(b) skipped: pass --model" in capsys.readouterr().out
     assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for its caller

@@ -12,8 +12,8 @@ semi-autoregressive blocks) and its CLI.
   inverse-CDF draw, also checked at the edges of u) samples softmax(logits / T);
 - infilling from a canvas (given tokens kept, against the same reference);
 - "random" remasking; left padding hidden by attention_mask; rows independent of their batch;
-- the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end (with a
-  missing --bench-model folder refused).
+- the argument errors, num_transfer_tokens, completion_text, and `python generate.py` end to end (and
+  `python -m bench.sampler` refusing a missing --model folder).
 """
 
 
@@ -390,5 +390,5 @@ def test_cli_task_fills_the_blanks_of_a_tiny_sudoku_canvas(tmp_path):
 
 def test_cli_bench_model_must_be_folders(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    assert_clean_error(run_script("generate.py", "--bench", "--bench-model", str(tmp_path), missing, expect_ok=False),
-                       "--bench-model", "no-such-model", "checkpoint folders")
+    assert_clean_error(run_script("bench/sampler.py", "--model", str(tmp_path), missing, expect_ok=False),
+                       "--model", "no-such-model", "checkpoint folders")

@@ -1,17 +1,21 @@
-"""Guards rewards.py against hostile completions (hostile.hostile_corpus, which the bench times):
-every reward function of every task and `score` return a number within range and never raise on
-power towers, deep parentheses, text far beyond MAX_COMPLETION_CHARS, unbalanced \\boxed{, other
+"""Guards rewards.py against hostile completions (bench.hostile.hostile_corpus, which the bench
+times): every reward function of every task and `score` return a number within range and never raise
+on power towers, deep parentheses, text far beyond MAX_COMPLETION_CHARS, unbalanced \\boxed{, other
 scripts' digits, NUL bytes, huge integers, regex-backtracking bait and the empty string. And every
-linear-time call that replaces one of d1's regular-expression calls (hostile.D1_CALLS) returns what
-d1's call returns, on thousands of random strings built from the fragments those expressions read."""
+linear-time call that replaces one of d1's regular-expression calls (bench.hostile.D1_CALLS) returns
+what d1's call returns, on thousands of random strings built from the fragments those expressions
+read. And the benchmark starts as `python -m bench.rewards` from the repository root."""
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
-import hostile
 import rewards
+from bench import hostile
 
 PUZZLE, SOLUTION = "4320004330100004", "4321124334122134"
 COLUMNS = {
@@ -103,3 +107,10 @@ def test_linear_calls_return_what_d1s_expressions_return(name):
         assert ours(text) == results[-1], repr(text)
     found = sum(bool(r) for r in results)
     assert 30 <= found <= len(results) - 30, f"{name}: the fuzz should both match and miss ({found} matches)"
+
+
+def test_bench_starts_as_a_module_from_the_root():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "bench.rewards", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and "--num-completions" in run.stdout, run.stderr

@@ -1,8 +1,9 @@
 """Guards rewards.py on real-looking model text: d1's reward values and weights for every task
 (with and without tags, multi-line), the fixes of d1's bugs (multi-line format regexes, the
-backspace `\\boxed` test, eval() on model text), d1's evaluation parsing (boxed first, then answer
-tags), MATH answer equivalence, the safe Countdown evaluator, Sudoku cell counting, tiny_sudoku's
-rewards, sudoku_valid, and the reward interface contract."""
+backspace `\\boxed` test, against d1's MATH format reward transcribed, eval() on model text), d1's
+evaluation parsing (boxed first, then answer tags), MATH answer equivalence, the safe Countdown
+evaluator, Sudoku cell counting, tiny_sudoku's rewards, sudoku_valid, and the reward interface
+contract."""
 
 from fractions import Fraction
 
@@ -95,7 +96,7 @@ def test_math500_rewards_and_score():
     text = ("<reasoning>\nThe side is $8\\sqrt{3} \\cdot 2$.\n</reasoning>\n<answer>\n\\boxed{16\\sqrt{3}}\n</answer>")
     r = each_reward("math500", text, answer="16 \\sqrt{3}")
     assert r == {"math_correctness_reward": 1.0, "boxed_in_answer_reward": 1.0}
-    assert total_reward("math500", text, answer="16 \\sqrt{3}") == pytest.approx(2.5)
+    assert total_reward("math500", text, answer="16 \\sqrt{3}") == pytest.approx(3.0)     # d1's 2.0 + 1.0
     assert score("math500", text, answer="16 \\sqrt{3}") == (1, 1)
     assert score("math500", text, answer="2") == (0, 1)
     # a full solution as the answer column: its last \boxed{} is the reference (d1's training data)
@@ -105,12 +106,80 @@ def test_math500_rewards_and_score():
     assert score("math500", "\\boxed{ <answer>\n\\frac{1}{2}\n</answer>", answer="0.5") == (1, 1)  # unclosed box: tags
 
 
-def test_boxed_in_answer_does_what_d1_meant():
-    # d1 tested `"\boxed" in r` without a raw string (a backspace): it paid 0.75 for any answer tags.
-    reward = rewards.boxed_in_answer_reward
-    assert reward(["<answer>\n\\boxed{4}\n</answer>"]) == [1.0]
-    assert reward(["\\boxed{4} <answer>\n4\n</answer>"]) == [0.0]
-    assert reward(["\\boxed{4}"]) == [0.0]
+def d1_boxed_in_answer(prompts, completions, answer, step=None, boxed="\\boxed", **kwargs):
+    """d1's math500_utils.boxed_in_answer, transcribed (the slow reference). `boxed` is what it looks
+    for: d1 wrote "\\boxed" without a raw string, a backspace and "oxed"; the default is the fix."""
+    responses = [completion[0]["content"] for completion in completions]
+    out = []
+    for r in responses:
+        reward = 0.0
+        try:
+            r = r.split("<answer>")[1].split("</answer>")[0]
+            reward += 1.0
+        except IndexError:
+            reward += 0.0
+        reward += 1.0 if boxed in r else 0.5
+        out.append(reward)
+    return out
+
+
+def d1_boxed_and_answer_tags_format_reward(prompts, completions, answer, step=None, boxed="\\boxed",
+                                           **kwargs):
+    """d1's reward_func.boxed_and_answer_tags_format_reward, transcribed."""
+    boxed_in_answer_rewards = d1_boxed_in_answer(prompts, completions, answer, step=step, boxed=boxed)
+    return [b * 0.5 for b in boxed_in_answer_rewards]
+
+
+D1_BOXED_AS_WRITTEN = "\boxed"      # d1's string: "\b" is a backspace
+
+
+def d1_format_reward(text, boxed="\\boxed"):
+    """d1's MATH format reward of one completion, called as d1's trainer calls it (chat messages)."""
+    prompts = [[{"role": "user", "content": "What is the sum of the roots of x^2 - 5x + 6?"}]]
+    return d1_boxed_and_answer_tags_format_reward(prompts, [[{"role": "assistant", "content": text}]], ["5"],
+                                                  boxed=boxed)[0]
+
+
+MATH_REASONING = "<reasoning>\nBy Vieta's formulas the roots sum to $-b/a = 5$.\n</reasoning>\n"
+MATH_FORMAT_CASES = {    # completion: d1's format reward with the string fixed
+    # answer tags with \boxed inside
+    MATH_REASONING + "<answer>\n\\boxed{5}\n</answer>": 1.0,
+    MATH_REASONING + "<answer>\n\\boxed{5}\n</answer><|eot_id|><|endoftext|><|endoftext|>": 1.0,
+    # answer tags without it, or with it outside them
+    MATH_REASONING + "<answer>\n5\n</answer>": 0.75,
+    "<reasoning>\nSo the sum is $\\boxed{5}$.\n</reasoning>\n<answer>\n5\n</answer>": 0.75,
+    "<answer>\n5\n</answer>\nChecking: $\\boxed{5}$": 0.75,
+    # no <answer>: the whole completion is searched
+    "By Vieta's formulas the roots sum to $\\boxed{5}$.": 0.5,
+    "\\boxed{5}\n</answer>": 0.5,
+    "By Vieta's formulas the roots sum to 5.": 0.25,
+    "": 0.25,
+    # several pairs: the text after the first <answer>, up to the next <answer> or </answer>
+    "<answer>\n5\n</answer> or rather <answer>\n\\boxed{5}\n</answer>": 0.75,
+    "<answer>\n\\boxed{5}\n</answer> or rather <answer>\n5\n</answer>": 1.0,
+    "<answer>\n5 <answer>\n\\boxed{5}\n</answer>": 0.75,
+    # unclosed: the rest of the text
+    MATH_REASONING + "<answer>\n\\boxed{\\frac{10}{2}}": 1.0,
+    MATH_REASONING + "<answer>\nthe roots are 2 and 3": 0.75,
+}
+
+
+@pytest.mark.parametrize("text", list(MATH_FORMAT_CASES))
+def test_boxed_in_answer_is_d1s_format_reward_with_the_string_fixed(text):
+    assert rewards.boxed_in_answer_reward([text]) == [d1_format_reward(text)] == [MATH_FORMAT_CASES[text]]
+    # the weighted value in GRPO's reward is d1's boxed_and_answer_tags_format_reward
+    weighted = [w * fn([text], answer=["5"])[0] for fn, w in reward_functions("math500")
+                if fn is rewards.boxed_in_answer_reward]
+    assert weighted == [d1_format_reward(text)]
+
+
+def test_d1s_backspace_boxed_paid_for_answer_tags_only():
+    # Regression: d1's `"\boxed" in r` looks for a backspace, which model text never has.
+    assert D1_BOXED_AS_WRITTEN == "\x08oxed"
+    for text, fixed in MATH_FORMAT_CASES.items():
+        as_written = d1_format_reward(text, boxed=D1_BOXED_AS_WRITTEN)
+        assert as_written == (0.75 if "<answer>" in text else 0.25), text
+        assert (rewards.boxed_in_answer_reward([text])[0] == as_written) == (fixed in (0.75, 0.25)), text
 
 
 def test_last_boxed_only_string_cases():
