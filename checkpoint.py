@@ -1,14 +1,14 @@
 """
 The files of a run, and how a run continues from them.
 
-- tokenizers: the offline character tokenizer of the tiny tasks, and a checkpoint's tokenizer files, written in
-  the form transformers 4.x and 5.x both read;
-- models in LLaDA's published layout (config.json + safetensors shards under the tensor names of LLaDA's own
-  modeling code), streamed one shard at a time; a preset model built from random weights;
-- LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), and their merge into the
-  base (`python checkpoint.py merge ADAPTER_DIR OUT_DIR`);
-- resumable training checkpoints (weights, optimizer and RNG state, arguments), written atomically, and the one
-  `resume` routine that sft.py and grpo.py both call; the metrics JSONL beside them.
+- tokenizers: the offline character tokenizer of the tiny tasks, and a checkpoint's tokenizer files,
+  written in the form transformers 4.x and 5.x both read;
+- models in LLaDA's published layout (config.json + safetensors shards under the tensor names of LLaDA's
+  own modeling code), streamed one shard at a time; a preset model built from random weights;
+- LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), and their merge into
+  the base (`python checkpoint.py merge ADAPTER_DIR OUT_DIR`);
+- resumable training checkpoints (weights, optimizer and RNG state, arguments), written atomically, and
+  the one `resume` routine that sft.py and grpo.py both call; the metrics JSONL beside them.
 
 model.py is the network; this file is everything about its files.
 """
@@ -33,8 +33,9 @@ import ddp
 from model import LORA_TARGETS, PRESETS, LLaDA, LoRALinear, ModelConfig, add_lora, lora_modules
 
 # -----------------------------------------------------------------------------
-# Tokenizers: the tiny tasks' own, one token per character, built offline with `tokenizers` (its chat template is
-# LLaDA's shape in short: <|startoftext|><|user|>{prompt}<|assistant|>{reply}); the special ids; tokenizer files
+# Tokenizers: the tiny tasks' own, one token per character, built offline with `tokenizers` (its chat
+# template is LLaDA's shape in short: <|startoftext|><|user|>{prompt}<|assistant|>{reply}); the special
+# ids; tokenizer files
 
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|user|>", "<|assistant|>",
                        "<|system|>", "<|eot_id|>", "<|unk|>"]
@@ -126,7 +127,8 @@ def build_model(preset, tokenizer=None, seed=0, device="cpu", dtype=torch.float3
     """A randomly initialised model of a preset shape. Tiny presets take their vocabulary and special
     ids from the tokenizer."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or pass a checkpoint folder")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
+                         "or pass a checkpoint folder")
     cfg = dataclasses.replace(PRESETS[preset])
     if tokenizer is not None and preset != "llada-8b":
         cfg.vocab_size = cfg.embedding_size = len(tokenizer)
@@ -249,7 +251,8 @@ def merged_state(model):
                 continue
             t = p.detach()
             if isinstance(module, LoRALinear) and pname == "weight" and module.lora_enabled:
-                t = (t.float() + module.delta_weight()).to(t.dtype)  # added in fp32, rounded once to the base's dtype
+                # added in fp32, rounded once to the base's dtype
+                t = (t.float() + module.delta_weight()).to(t.dtype)
             state[f"{name}.{pname}" if name else pname] = t
     return state
 
@@ -274,7 +277,8 @@ def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=No
     shards under LLaDA's tensor names (+ index when sharded), tokenizer files. `extra_files` maps
     file names to JSON-able objects written alongside (arguments, step...). `state`, when given, holds the
     weights under our names (full_state_dict of a model sharded by FSDP) instead of the model's own."""
-    state = {to_llada_name(k): v.contiguous() for k, v in (merged_state(model) if state is None else state).items()}
+    state = {to_llada_name(k): v.contiguous()
+             for k, v in (merged_state(model) if state is None else state).items()}
     with files_into(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.cfg.to_llada(), f, indent=2)
@@ -294,7 +298,8 @@ def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=No
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, name), metadata={"format": "pt"})
+                save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, name),
+                          metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
@@ -307,7 +312,8 @@ def save_model(model, tokenizer, path, max_shard_bytes=5 * 2**30, extra_files=No
     # weight files of an earlier save into the same folder that this one did not rewrite (other shards)
     keep = {WEIGHTS_NAME} if len(shards) == 1 else set(weight_map.values()) | {INDEX_NAME}
     for name in os.listdir(path):
-        if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_NAME) and name not in keep:
+        if (name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_NAME)
+                and name not in keep):
             os.remove(os.path.join(path, name))
 
 
@@ -344,8 +350,8 @@ def save_adapter(model, path, base_model_name_or_path, extra_files=None):
     with files_into(path) as tmp:
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
-        save_file({k: v.cpu() for k, v in adapter_state(model).items()}, os.path.join(tmp, ADAPTER_WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in adapter_state(model).items()},
+                  os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         for name, obj in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
@@ -434,10 +440,10 @@ METRICS_NAME = "metrics.jsonl"  # one JSON record per step beside the checkpoint
 
 
 def save_checkpoint(out_dir, step, model, optimizer, tokenizer, base_model, args, extra=None):
-    """checkpoint-<step> of a run: the weights (or adapter), the optimizer state, every rank's RNG state and `extra`
-    (more of a stage's state), with `args` (a dict) and the step. Every rank calls it: the RNG states are gathered
-    (each rank continues its own stream on resume) and, under FSDP, the weights and optimizer state too; rank 0
-    writes, keeping the newest args["keep_checkpoints"]."""
+    """checkpoint-<step> of a run: the weights (or adapter), the optimizer state, every rank's RNG state
+    and `extra` (more of a stage's state), with `args` (a dict) and the step. Every rank calls it: the RNG
+    states are gathered (each rank continues its own stream on resume) and, under FSDP, the weights and
+    optimizer state too; rank 0 writes, keeping the newest args["keep_checkpoints"]."""
     rng = ddp.gather_objects(rng_state())
     weights = full_state_dict(model) if is_sharded(model) else None
     optimizer_state = full_optimizer_state(model, optimizer)
@@ -450,16 +456,17 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, base_model, args
 
 
 def save_final_model(model, tokenizer, out_dir, base_model, args):
-    """The trained model in out_dir, with its arguments (training_args.json): a full model in LLaDA's layout, or
-    the adapter folder in PEFT's format. Every rank calls it (under FSDP the weights are gathered onto rank 0)."""
+    """The trained model in out_dir, with its arguments (training_args.json): a full model in LLaDA's
+    layout, or the adapter folder in PEFT's format. Every rank calls it (under FSDP the weights are
+    gathered onto rank 0)."""
     weights = full_state_dict(model) if is_sharded(model) else None
     if ddp.rank() == 0:
         save_weights(model, tokenizer, out_dir, base_model, weights, extra_files={"training_args.json": args})
 
 
 def save_weights(model, tokenizer, path, base_model, state=None, extra_files=None):
-    """The adapter folder in PEFT's format (LoRA), else the full model in LLaDA's layout (`state`: the gathered
-    weights of a model sharded by FSDP, written in place of the model's own)."""
+    """The adapter folder in PEFT's format (LoRA), else the full model in LLaDA's layout (`state`: the
+    gathered weights of a model sharded by FSDP, written in place of the model's own)."""
     if lora_modules(model):
         save_adapter(model, path, base_model, extra_files=extra_files)
     else:
@@ -471,7 +478,8 @@ def write_checkpoint(out_dir, step, model, tokenizer, base_model, trainer_state,
     gathered weights of a model sharded by FSDP (full_state_dict), written in place of the model's own."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + CHECKPOINT_PREFIX, dir=out_dir)
-    save_weights(model, tokenizer, os.path.join(tmp, "adapter" if lora_modules(model) else "model"), base_model, state)
+    save_weights(model, tokenizer, os.path.join(tmp, "adapter" if lora_modules(model) else "model"),
+                 base_model, state)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "args": args}, f, indent=2)
@@ -502,7 +510,8 @@ def load_checkpoint_weights(path, model):
     if os.path.isdir(os.path.join(path, "adapter")):
         return load_adapter(model, os.path.join(path, "adapter"))
     if is_sharded(model):
-        return load_full_state_dict(model, lambda: dict(load_model(os.path.join(path, "model")).named_parameters()))
+        return load_full_state_dict(
+            model, lambda: dict(load_model(os.path.join(path, "model")).named_parameters()))
     saved = load_model(os.path.join(path, "model"))
     with torch.no_grad():
         for (name, p), (name2, q) in zip(model.named_parameters(), saved.named_parameters()):
@@ -514,10 +523,9 @@ def load_checkpoint_weights(path, model):
 def load_trainer_state(path):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    # our own file, written by write_checkpoint; older ones hold Python's and NumPy's RNG states (tuples), hence
-    # weights_only=False
-    # rank 0 wrote it; every rank reads it, memory-mapped: under FSDP it holds the full optimizer state, which
-    # only rank 0 reads in full (load_full_optimizer_state)
+    # our own file (write_checkpoint), which may hold Python's and NumPy's RNG states (tuples): hence
+    # weights_only=False. Rank 0 wrote it; every rank reads it, memory-mapped: under FSDP it holds the full
+    # optimizer state, which only rank 0 reads in full (load_full_optimizer_state)
     state["trainer_state"] = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
                                         map_location="cpu", mmap=True)
     return state
@@ -527,8 +535,8 @@ def load_trainer_state(path):
 # 1 / world_size slice. Checkpoints hold the gathered full tensors, in the same files as an unsharded run:
 # the weights stay in LLaDA's layout (evaluate.py and LLaDA's code read them as they are), at the cost of
 # rank 0 holding one full copy in host memory while it writes (torch.distributed.checkpoint would write
-# per-rank shards instead, in a layout nothing else here reads).
-# (torch.distributed.checkpoint is imported only when a model is sharded: it adds seconds to every start)
+# per-rank shards instead, in a layout nothing else here reads). torch.distributed.checkpoint is imported
+# only when a model is sharded: the import adds seconds to every start.
 
 
 def is_sharded(model):
@@ -543,7 +551,8 @@ def state_dict_options(load):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     if load:  # rank 0's full tensors, each rank keeping its slice
         return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, one at a time
+    # full tensors on rank 0's CPU, one at a time
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_state_dict(model):
@@ -590,40 +599,46 @@ def load_full_optimizer_state(model, optimizer, state):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state if dist.get_rank() == 0 else {}, options=state_dict_options(load=True))
+    set_optimizer_state_dict(model, optimizer, state if dist.get_rank() == 0 else {},
+                             options=state_dict_options(load=True))
 
 
 # Settings a resume may change: they extend the run or say where and how often to write, never what a step
 # computes. (--max-steps moves the end, so a cosine or linear schedule spans the new length; gradient
 # checkpointing only trades memory for time.) Any other changed flag is refused.
-RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "save_every", "eval_every", "eval_examples", "keep_checkpoints",
-                     "resume", "out_dir", "data_dir", "grad_checkpointing", "log_every")
+RESUME_MAY_CHANGE = ("max_steps", "max_seconds", "save_every", "eval_every", "eval_examples",
+                     "keep_checkpoints", "resume", "out_dir", "data_dir", "grad_checkpointing", "log_every")
 
 
 def add_run_flags(parser, out_dir, eval_every, save_every):
     """The flags, shared by sft.py and grpo.py, that say where a run writes and how often (a resume may change
     them), and --resume itself."""
-    parser.add_argument("--log-every", type=int, default=10, help="print a line every N steps (metrics.jsonl gets every step)")
-    parser.add_argument("--eval-every", type=int, default=eval_every, help="held-out accuracy every N steps; 0 = only at the end")
+    parser.add_argument("--log-every", type=int, default=10,
+                        help="print a line every N steps (metrics.jsonl gets every step)")
+    parser.add_argument("--eval-every", type=int, default=eval_every,
+                        help="held-out accuracy every N steps; 0 = only at the end")
     parser.add_argument("--eval-examples", type=int, default=500, help="held-out examples to evaluate")
     parser.add_argument("--out-dir", default=out_dir, help="final model, checkpoints and metrics.jsonl")
-    parser.add_argument("--save-every", type=int, default=save_every, help="resumable checkpoint every N steps; 0 = off")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints kept (the newest)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    parser.add_argument("--save-every", type=int, default=save_every,
+                        help="resumable checkpoint every N steps; 0 = off")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="resumable checkpoints kept (the newest)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --out-dir")
 
 
 def changed_settings(saved_args, args):
     """The flags whose value differs from the checkpoint's, as '--name saved -> now' strings. Flags the
-    checkpoint does not know (added to the script since) are not compared."""
+    checkpoint does not know (newer than it) are not compared."""
     return [f"--{k.replace('_', '-')} {saved_args[k]!r} -> {v!r}" for k, v in sorted(args.items())
             if k in saved_args and k not in RESUME_MAY_CHANGE and saved_args[k] != v]
 
 
 def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
-    """Continue a run from the newest readable checkpoint of out_dir, for sft.py and grpo.py alike: refuse
-    one whose settings differ from `args` (a dict), load weights, optimizer state and this rank's RNG state, cut
-    the metrics log back to the checkpoint's step, and fall back to the previous checkpoint, saying so, when one
-    cannot be read (a damaged file).
+    """Continue a run from the newest readable checkpoint of out_dir, for sft.py and grpo.py alike:
+    refuse one whose settings differ from `args` (a dict), load weights, optimizer state and this rank's
+    RNG state, cut the metrics log back to the checkpoint's step, and fall back to the previous
+    checkpoint, saying so, when one cannot be read (a damaged file).
     Returns (step, trainer_state), or (0, None) when out_dir holds no checkpoint."""
     candidates = complete_checkpoints(out_dir)
     if not candidates:
@@ -634,39 +649,42 @@ def resume(out_dir, args, model, optimizer, rank, world_size, log=print):
             with open(os.path.join(path, "state.json")) as f:
                 saved_args = json.load(f)["args"]
         except (OSError, ValueError, KeyError) as error:
-            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); "
+                "trying the previous checkpoint")
             continue
         changed = changed_settings(saved_args, args)
         if changed:  # a user error, not a damaged file: no fallback
-            raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}. Run the "
-                             f"command it was started with (these may change: "
-                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}), or choose a "
-                             "new --out-dir")
+            raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}. "
+                             f"Run the command it was started with (these may change: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)}), "
+                             "or choose a new --out-dir")
         try:
             state = load_trainer_state(path)
             load_checkpoint_weights(path, model)
             load_full_optimizer_state(model, optimizer, state["trainer_state"]["optimizer"])
         except Exception as error:  # a truncated or corrupt file: safetensors, pickle and zip raise their own
-            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); trying the previous checkpoint")
+            log(f"--resume: cannot read {path} ({type(error).__name__}: {error}); "
+                "trying the previous checkpoint")
             continue
         rng = state["trainer_state"]["rng"]  # one state per rank
         if len(rng) != world_size:  # the data split, rollout noise and RNG streams depend on the world size
-            raise SystemExit(f"--resume: {path} was written by a run of {len(rng)} ranks, this one has {world_size}: "
-                             "resume it with as many")
+            raise SystemExit(f"--resume: {path} was written by a run of {len(rng)} ranks, this one has "
+                             f"{world_size}: resume it with as many")
         set_rng_state(rng[rank])
         # the steps a killed run logged after its checkpoint are computed again: drop them from its metrics
         truncate_jsonl(os.path.join(out_dir, METRICS_NAME), state["step"])
         log(f"resumed from {path} at step {state['step']}")
         return state["step"], state["trainer_state"]
-    raise SystemExit(f"--resume: none of the {len(candidates)} checkpoints in {out_dir} can be read (see above); "
-                     "remove them to start over")
+    raise SystemExit(f"--resume: none of the {len(candidates)} checkpoints in {out_dir} can be read "
+                     "(see above); remove them to start over")
 
 
 # The RNG state of one rank (saved in every checkpoint) and the run's metrics log
 
 
 def rng_state():
-    """torch's global RNG (LoRA dropout draws from it; data, masks and sampling noise use explicit generators)."""
+    """torch's global RNG (LoRA dropout draws from it; data, masks and sampling noise use explicit
+    generators)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -674,7 +692,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["torch"])  # older checkpoints also hold Python's and NumPy's, which nothing draws from
+    torch.set_rng_state(state["torch"])  # Python's and NumPy's states, if saved, stay unused
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -689,8 +707,8 @@ def log_jsonl(path, record):
 
 
 def truncate_jsonl(path, step):
-    """Drop the records after `step` from a metrics JSONL: on resume, the steps a killed run logged after its last
-    checkpoint are computed again, and must not appear twice (rank 0 alone writes)."""
+    """Drop the records after `step` from a metrics JSONL: on resume, the steps a killed run logged after
+    its last checkpoint are computed again, and must not appear twice (rank 0 alone writes)."""
     if ddp.rank() != 0 or not os.path.exists(path):
         return
     with open(path) as f:
@@ -700,8 +718,8 @@ def truncate_jsonl(path, step):
 
 
 # -----------------------------------------------------------------------------
-# python checkpoint.py merge ADAPTER_DIR OUT_DIR: fold a LoRA adapter into its base and write a full checkpoint
-# in LLaDA's layout (what d1 does between SFT and diffu-GRPO)
+# python checkpoint.py merge ADAPTER_DIR OUT_DIR: fold a LoRA adapter into its base and write a full
+# checkpoint in LLaDA's layout (what d1 does between SFT and diffu-GRPO)
 
 if __name__ == "__main__":
     import argparse

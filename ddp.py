@@ -63,7 +63,7 @@ def cleanup():
         dist.barrier()
         dist.destroy_process_group()
         # gloo's worker thread may still be freeing tensors of the last collective; if the interpreter is
-        # already shutting down it cannot take the GIL and aborts the process (some CPU runs did): let it finish
+        # already shutting down it cannot take the GIL and aborts the process: let it finish
         time.sleep(0.2)
 
 
@@ -90,7 +90,8 @@ def sigterm_received():
 
 def exit_after_preemption(step):
     """Every rank, once the checkpoint of `step` is saved: say how to continue, and exit with status 0."""
-    print0(f"SIGTERM: stopped after step {step} and saved its checkpoint; the same command with --resume continues")
+    print0(f"SIGTERM: stopped after step {step} and saved its checkpoint; "
+           "the same command with --resume continues")
     cleanup()
     raise SystemExit(0)
 
@@ -148,7 +149,8 @@ def assert_parameters_identical(module):
     """Check that every rank holds the same trainable parameters (a cheap checksum, gathered): a broken
     gradient average shows up here, not as a silently diverged run. Sums accumulate in fp64 without an
     fp64 copy of each tensor."""
-    if not is_distributed() or any(is_dtensor(p) for p in module.parameters()):  # sharded: one copy, nothing to compare
+    # sharded: one copy, nothing to compare
+    if not is_distributed() or any(is_dtensor(p) for p in module.parameters()):
         return
     with torch.no_grad():
         checksum = sum(float(p.sum(dtype=torch.float64)) + float(p.abs().sum(dtype=torch.float64))
@@ -175,9 +177,9 @@ def shard_model(model, device):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
-    # the root too is sharded again after each forward (FSDP's default keeps it gathered for the backward): so
-    # that the weights are always slices between steps (GRPO mixes the policy into the reference slice by slice)
-    # and the gathered embedding and head do not sit in memory during rollouts
+    # the root too is sharded again after each forward (FSDP's default keeps it gathered for the backward),
+    # so that the weights are always slices between steps (GRPO mixes the policy into the reference slice
+    # by slice) and the gathered embedding and head do not sit in memory during rollouts
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)
     return model
 
@@ -189,9 +191,10 @@ def fsdp_modules(model):
 
 @contextlib.contextmanager
 def unsharded(model):
-    """Hold a sharded model's full weights for a stretch of no-grad forward passes that ranks run a different
-    number of times (the sampler skips a step with nothing to commit; evaluation splits examples unevenly): with
-    the weights gathered once, those passes need no collective. A no-op for a model that is not sharded."""
+    """Hold a sharded model's full weights for a stretch of no-grad forward passes that ranks run a
+    different number of times (the sampler skips a step with nothing to commit; evaluation splits examples
+    unevenly): with the weights gathered once, those passes need no collective. A no-op for a model that
+    is not sharded."""
     modules = fsdp_modules(model) if "torch.distributed.fsdp" in sys.modules else []
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)

@@ -11,12 +11,12 @@ Countdown's 256 problems, GSM8K and MATH500; the stored generation is the text o
         --task gsm8k --gen-length 256                                        # d1's 8B evaluation
     python evaluate.py --rescore results/                                    # score generation files
 
-A generations file is `{"generations": [{question, prompt_input, generations, ground_truth}, ...]}`;
-d1 writes one per rank, named `<setup>_<rank>_generations.json`, and pools the files of a setup. We
-gather all ranks and write one file, `<task>_<model>_<gen_length>_<steps>_0_generations.json`, so that a
-setup never mixes shards of different runs. Rescoring reads the task from the setup's prefix (countdown,
-gsm8k, math500 or d1's "math", sudoku, tiny_sudoku); accuracy is correct / total, which for sudoku
-counts cells (correct empty cells / empty cells), as d1 reports it.
+A generations file is `{"generations": [{question, prompt_input, generations, ground_truth}, ...]}`,
+named `<setup>_<rank>_generations.json`; we write one gathered over ranks,
+`<task>_<model>_<gen_length>_<steps>_0_generations.json` (d1 writes one per rank; see the README's table
+of differences from d1). Rescoring pools a setup's files and reads the task from the setup's prefix
+(countdown, gsm8k, math500 or d1's "math", sudoku, tiny_sudoku); accuracy is correct / total, which for
+sudoku counts cells (correct empty cells / empty cells), as d1 reports it.
 """
 
 import argparse
@@ -34,7 +34,7 @@ import data
 import ddp
 import model as M
 import rewards
-from generate import CACHE_MODES, forward_passes_per_token, generate, left_pad
+from generate import CACHE_MODES, forward_passes_per_token, generate_records
 
 # ---------------------------------------------------------------------------------------------------
 # Rescoring
@@ -168,38 +168,38 @@ def encode_eval_prompt(tokenizer, example):
 
 @torch.no_grad()
 def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, block_length, batch_size,
-                      device="cpu", progress=True, cache="none", threshold=None, autocast_dtype=torch.bfloat16):
+                      device="cpu", progress=True, cache="none", threshold=None,
+                      autocast_dtype=torch.bfloat16):
     """Greedy completions of `examples`, sharded over ranks (every world_size-th example), gathered and
     scored with rewards.score. Every rank returns the same dict: accuracy (fraction), correct, total,
-    count, completions (in example order; the decoded text of all gen_length tokens, special tokens included, as d1
-    stores it), effective_tokens (mean tokens before the first stop token), tokens_per_s, wall_s, the
-    sampler's cache and threshold (generate's fast-sampler options) with its forward_passes_per_token, and
-    for Sudoku valid_rate (complete valid grids that keep the given cells). autocast_dtype is the GPU's
-    autocast dtype (d1 evaluates under torch.autocast("cuda"), i.e. float16)."""
+    count, completions (in example order; the decoded text of all gen_length tokens, special tokens
+    included, as d1 stores it), effective_tokens (mean tokens before the first stop token), tokens_per_s,
+    wall_s, the sampler's cache and threshold (generate's fast-sampler options) with its
+    forward_passes_per_token, and for Sudoku valid_rate (complete valid grids that keep the given cells).
+    autocast_dtype is the GPU's autocast dtype (d1 evaluates under torch.autocast("cuda"), i.e. float16)."""
     rank, world = ddp.rank(), ddp.world_size()
     mask_id, stop_ids = C.mask_token_id(tokenizer), C.stop_token_ids(tokenizer)
     mine = list(range(len(examples)))[rank::world]
     prompts = {i: encode_eval_prompt(tokenizer, examples[i]) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    sampler = {"steps": steps, "gen_length": gen_length, "block_length": block_length, "temperature": 0.0,
+               "cache": cache, "threshold": threshold}
     completions, lengths, stats = {}, {}, {}
     t0 = time.time()
     for b in tqdm(range(0, len(mine), batch_size), desc=f"eval {task}", disable=not progress or rank != 0,
                   dynamic_ncols=True):
         batch = mine[b:b + batch_size]
-        prompt_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.eos_token_id, device)
-        canvases = [data.encode_canvas(tokenizer, examples[i], gen_length, mask_id) for i in batch]
-        canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
         try:
             with M.autocast(device, autocast_dtype):
-                out = generate(model, prompt_ids, steps, gen_length, block_length, 0.0, mask_id=mask_id,
-                               attention_mask=attention_mask, canvas=canvas, cache=cache, threshold=threshold,
-                               stats=stats)
+                out, _, _ = generate_records(model, tokenizer, [examples[i] for i in batch], sampler,
+                                             mask_id=mask_id, device=device, add_special_tokens=True,
+                                             stats=stats)
         except torch.cuda.OutOfMemoryError:
-            raise SystemExit(f"a batch of {len(batch)} prompts x {prompt_ids.shape[1] + gen_length} tokens does "
-                             "not fit in GPU memory: lower --batch-size") from None
-        for i, row in zip(batch, out[:, prompt_ids.shape[1]:].tolist()):
+            raise SystemExit(f"a batch of {len(batch)} prompts x {len(prompts[batch[-1]]) + gen_length} "
+                             "tokens does not fit in GPU memory: lower --batch-size") from None
+        for i, row in zip(batch, out[:, -gen_length:].tolist()):
             stop = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-            # d1 stores the decoded text of all gen_length tokens, special tokens included, and its parser reads that
+            # d1 stores all gen_length tokens decoded, special tokens included, and its parser reads that
             completions[i] = tokenizer.decode(row, skip_special_tokens=False)
             lengths[i] = stop
     wall = time.time() - t0
@@ -220,7 +220,8 @@ def evaluate_examples(model, tokenizer, task, examples, *, gen_length, steps, bl
               "count": len(examples), "completions": completions,
               "effective_tokens": sum(lengths.values()) / max(len(lengths), 1),
               "tokens_per_s": len(examples) * gen_length / max(wall, 1e-9), "wall_s": wall,
-              "cache": cache, "threshold": threshold, "forward_passes_per_token": forward_passes_per_token(stats)}
+              "cache": cache, "threshold": threshold,
+              "forward_passes_per_token": forward_passes_per_token(stats)}
     if examples and "puzzle" in examples[0]:
         result["valid_rate"] = valid / len(examples)
     return result
@@ -254,15 +255,20 @@ def write_generations(path, examples, result, tokenizer, settings):
 # ---------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
-    parser.add_argument("--model", nargs="+", help="checkpoint folder(s): ours, a LoRA adapter folder, or LLaDA's "
-                        "published layout; several are evaluated in turn and compared in one table")
-    parser.add_argument("--base-model", default=None, help="the base model folder of adapter --model folders "
-                        "(default: the one each adapter_config.json names; d1's adapters name a hub id)")
-    parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS[:-1], help="test set to evaluate on")
+    parser = argparse.ArgumentParser(
+        description="Evaluate a checkpoint with d1's settings, or rescore generation files.")
+    parser.add_argument("--model", nargs="+",
+                        help="checkpoint folder(s): ours, a LoRA adapter folder, or LLaDA's published "
+                             "layout; several are evaluated in turn and compared in one table")
+    parser.add_argument("--base-model", default=None,
+                        help="the base model folder of adapter --model folders (default: the one each "
+                             "adapter_config.json names; d1's adapters name a hub id)")
+    parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS[:-1],
+                        help="test set to evaluate on")
     parser.add_argument("--data-dir", default="data/files", help="where downloaded test sets live")
     parser.add_argument("--gen-length", type=int, default=None, help="tokens generated (d1: 128, 256, 512)")
-    parser.add_argument("--steps", type=int, default=None, help="diffusion steps (default gen_length / 2; tiny: 20)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="diffusion steps (default gen_length / 2; tiny: 20)")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (d1: 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per sampler call on one rank")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
@@ -275,7 +281,8 @@ if __name__ == "__main__":
                         help="the sampler's autocast dtype on GPUs (d1's evaluation: float16); CPUs run fp32")
     parser.add_argument("--output-dir", default="out/eval", help="where the generations file is written")
     parser.add_argument("--rescore", nargs="+", metavar="PATH",
-                        help="score generation files (or folders of *_generations.json) instead of generating")
+                        help="score generation files (or folders of *_generations.json) instead of "
+                             "generating")
     args = parser.parse_args()
     if args.rescore:
         try:
@@ -301,30 +308,32 @@ if __name__ == "__main__":
                 "threshold": args.threshold}
     try:
         examples = data.test_examples(args.task, args.data_dir, args.limit)
-    except (FileNotFoundError, ValueError) as err:  # a missing or malformed test file: the message says what to do
+    except (FileNotFoundError, ValueError) as err:  # a bad or missing test file: the message says what to do
         raise SystemExit(str(err)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     summary = {}
     for model_path, name in zip(args.model, model_names(args.model)):
         tokenizer = C.load_tokenizer(model_path, args.base_model)
         model = C.load_model(model_path, device, dtype, args.base_model).eval()
-        ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} rank(s), {settings}")
+        ddp.print0(f"evaluating {model_path} on {args.task}: {len(examples)} examples over {world_size} "
+                   f"rank(s), {settings}")
         result = evaluate_examples(model, tokenizer, args.task, examples, device=device,
                                    autocast_dtype=getattr(torch, args.autocast_dtype), **settings)
         del model
         if rank == 0:
             tag = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+            # fast-sampler runs get their own file
             sampler = ("" if args.cache == "none" else f"_{args.cache}") + (
-                "" if args.threshold is None else f"_t{args.threshold:g}")  # fast-sampler runs get their own file
-            path = os.path.join(args.output_dir,
-                                f"{args.task}_{tag}_{gen_length}_{settings['steps']}{sampler}_0_generations.json")
+                "" if args.threshold is None else f"_t{args.threshold:g}")
+            path = os.path.join(args.output_dir, f"{args.task}_{tag}_{gen_length}_{settings['steps']}"
+                                                 f"{sampler}_0_generations.json")
             write_generations(path, examples, result, tokenizer,
                               {"model_path": model_path, "task": args.task, "world_size": world_size,
                                "autocast_dtype": args.autocast_dtype, **settings})
             print(format_table(rescore([path])))
-            line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} generated "
-                    f"tok/s | {result['forward_passes_per_token']:.3f} forward passes per generated token | "
-                    f"wall {result['wall_s']:.1f}s")
+            line = (f"effective tokens {result['effective_tokens']:.1f} | {result['tokens_per_s']:.1f} "
+                    f"generated tok/s | {result['forward_passes_per_token']:.3f} forward passes per "
+                    f"generated token | wall {result['wall_s']:.1f}s")
             if "valid_rate" in result:
                 line += f" | valid complete solutions {100 * result['valid_rate']:.2f}%"
             print(line)

@@ -29,6 +29,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+import checkpoint as C
+import data
+
 
 def num_transfer_tokens(block_masked, steps):
     """How many tokens each step commits: the masked count of each row of the block split evenly over
@@ -256,12 +259,12 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
 
     Rows of the batch are independent (at temperature 0; at T > 0 they share the generator's stream).
     Sampling noise (Gumbel; in the fast modes one uniform number per position) is drawn in float64 from
-    `generator` when given (d1 draws it in the model's dtype, bf16, in its rollouts and in float32 in
-    evaluation): low-precision Gumbel noise rounds away the tails of the distribution, which samples at a
-    lower temperature than asked. attention_mask (B, Lp) marks real prompt tokens when prompts are left-padded
-    (None: every position attends everywhere, as LLaDA and d1 do). canvas (B, gen_length), optional, is the
-    completion to start from instead of all [MASK]: its non-mask tokens are kept and only its masked
-    positions are sampled (infilling); each block's steps split the masks the block actually has.
+    `generator` when given: low-precision noise rounds away the tails, sampling at a lower temperature than
+    asked (the README's table of differences from d1). attention_mask (B, Lp) marks real prompt tokens
+    when prompts are left-padded (None: every position attends everywhere, as LLaDA and d1 do).
+    canvas (B, gen_length), optional, is the completion to start from instead of all [MASK]: its non-mask
+    tokens are kept and only its masked positions are sampled (infilling); each block's steps split the
+    masks the block actually has.
     `model(x, attention_mask, positions)` returns the logits of the positions only (a slice, or in the fast
     modes a (B, L) bool mask of the block's still-masked positions), as model.LLaDA.
 
@@ -307,6 +310,36 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
     if cache == "none" and threshold is None:
         return llada_generate(*common)
     return fast_generate(*common, cache=cache, threshold=threshold)
+
+
+# -----------------------------------------------------------------------------
+# From task records to samples: the path rollouts and evaluation share
+
+
+@torch.no_grad()
+def generate_records(model, tokenizer, records, sampler, *, mask_id, device, max_prompt_length=0,
+                     add_special_tokens=False, batch_size=None, noise_seed=None, stats=None):
+    """Each record's chat prompt encoded (its last max_prompt_length tokens when > 0, as TRL keeps them),
+    left-padded over all records, its canvas when the task has one (infilling), then generate() on batches of
+    batch_size rows (all at once by default), batch b's noise from data.generator(*noise_seed, b) (None: no
+    generator). sampler: generate's steps, gen_length, block_length, temperature, cache and threshold.
+    Returns (sequences (B, Lp + gen_length), prompt_mask (B, Lp) or None, canvas (B, gen_length) or None)."""
+    rows = [data.encode_prompt(tokenizer, r["prompt"], r["prefill"], add_special_tokens)[-max_prompt_length:]
+            for r in records]
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.eos_token_id, device)
+    canvases = [data.encode_canvas(tokenizer, r, sampler["gen_length"], mask_id) for r in records]
+    canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
+    batch_size = batch_size or len(records)
+    outputs = []
+    for b in range(0, len(records), batch_size):
+        batch = slice(b, b + batch_size)
+        outputs.append(generate(
+            model, prompt_ids[batch], mask_id=mask_id, stats=stats,
+            attention_mask=None if prompt_mask is None else prompt_mask[batch],
+            canvas=None if canvas is None else canvas[batch],
+            generator=None if noise_seed is None else data.generator(*noise_seed, b, device=device),
+            **sampler))
+    return torch.cat(outputs), prompt_mask, canvas
 
 
 # -----------------------------------------------------------------------------
@@ -368,8 +401,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not args.model or args.prompt is None:
         parser.error("--model and --prompt are required")
-    import checkpoint as C
-    import data
 
     # the task's sampler lengths (tiny_sudoku: one block of 20, the grid and its EOS), else a chat answer's
     lengths = (data.generation_defaults(args.task) if args.task

@@ -218,8 +218,8 @@ class LLaDA(nn.Module):
             self._rope_cache = {key: rope_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
-    def forward(self, input_ids, attention_mask=None, positions=slice(None), past_kv=None, queries=slice(None),
-                return_kv=False):
+    def forward(self, input_ids, attention_mask=None, positions=slice(None), past_kv=None,
+                queries=slice(None), return_kv=False):
         """input_ids (B, L) -> logits (B, L, V). attention_mask (B, L) of 0/1 hides padded keys;
         without it every position attends to every position, exactly as LLaDA did for d1. `positions`, a
         slice, keeps the logits of those positions only: the sampler reads one block and the estimator the
@@ -243,13 +243,15 @@ class LLaDA(nn.Module):
         if caching:  # the queried positions only: (B, Lq, d_model) and their RoPE rows
             q0, q1, step = queries.indices(L)
             if step != 1 or (q0, q1) != (0, L) and past_kv is None:
-                raise ValueError(f"queries {queries} need past_kv for the positions outside them (and a step of 1)")
+                raise ValueError(f"queries {queries} need past_kv for the positions outside them "
+                                 "(and a step of 1)")
             if position_mask:
                 if positions[:, :q0].any() or positions[:, q1:].any():
                     raise ValueError(f"the positions mask must lie within queries {queries}")
                 positions = positions[:, q0:q1]
             else:
-                p0, p1, p_step = positions.indices(L) if positions != slice(None) else (q0, q1, 1)  # default: all
+                # the default slice(None): all the queried positions
+                p0, p1, p_step = positions.indices(L) if positions != slice(None) else (q0, q1, 1)
                 if p1 > p0 and (p0 < q0 or p1 > q1):
                     raise ValueError(f"positions {positions} must lie within queries {queries}")
                 positions = slice(p0 - q0, p1 - q0, p_step) if p1 > p0 else slice(0, 0)
@@ -270,15 +272,31 @@ class LLaDA(nn.Module):
                 x = block(x, cos, sin, attn_mask)
         logits = self.ff_out(self.ln_f(x[positions] if position_mask else x[:, positions]))
         # a padded embedding (rows past the vocabulary) is cut; otherwise no slice, so no strided view to copy
-        logits = logits[..., : self.cfg.vocab_size] if self.cfg.embedding_size > self.cfg.vocab_size else logits
+        logits = (logits[..., : self.cfg.vocab_size] if self.cfg.embedding_size > self.cfg.vocab_size
+                  else logits)
         return (logits, kv) if return_kv else logits
 
 
 def autocast(device, dtype=torch.bfloat16):
-    """bf16 (or `dtype`) autocast on GPUs; plain fp32 on CPUs (most CPUs run bf16 matmuls far slower than fp32)."""
+    """bf16 (or `dtype`) autocast on GPUs; plain fp32 on CPUs (most CPUs run bf16 matmuls far slower
+    than fp32)."""
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+LOGPROB_CHUNK_ELEMENTS = 2**28  # ~1 GiB of fp32 logits at a time in token_logprobs
+
+
+def token_logprobs(logits, targets):
+    """log p(target) at every position: -CE(logits_i, target_i). logits (B, L, V), targets (B, L) ->
+    (B, L). Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy; each chunk is flattened to
+    (rows * L, V), which needs no copy (cross_entropy over a transposed (B, V, L) view would make one)."""
+    B, L, V = logits.shape
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, L * V))
+    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().flatten(0, 1),
+                                       targets[i:i + rows].flatten(), reduction="none").view(-1, L)
+                      for i in range(0, B, rows)])
 
 
 def num_parameters(model):
@@ -310,10 +328,10 @@ def check_full_finetuning_fits(num_params, gpu_bytes, world_size=1, fsdp=False, 
     need = full_finetuning_bytes(num_params, world_size, fsdp, reference)
     if need > gpu_bytes:
         raise SystemExit(
-            f"full fine-tuning of {num_params / 1e9:.2f}B parameters needs {need / 2**30:.0f} GiB per GPU for fp32 "
-            f"weights, gradients and AdamW state{' and the reference copy' if reference else ''}, more than this "
-            f"GPU's {gpu_bytes / 2**30:.0f} GiB: pass --lora-r R to train LoRA adapters on a frozen bf16 base, or "
-            "--fsdp to shard full fine-tuning over the GPUs")
+            f"full fine-tuning of {num_params / 1e9:.2f}B parameters needs {need / 2**30:.0f} GiB per GPU "
+            f"for fp32 weights, gradients and AdamW state{' and the reference copy' if reference else ''}, "
+            f"more than this GPU's {gpu_bytes / 2**30:.0f} GiB: pass --lora-r R to train LoRA adapters on "
+            "a frozen bf16 base, or --fsdp to shard full fine-tuning over the GPUs")
 
 
 # -----------------------------------------------------------------------------
@@ -330,10 +348,12 @@ class LoRALinear(nn.Linear):
         self.r, self.scaling = r, alpha / r
         self.lora_dropout = nn.Dropout(dropout)
         # adapters train in fp32 even on a bf16 base: AdamW updates of bf16 weights lose small steps
-        lora_A = torch.empty(r, self.in_features, dtype=torch.float32)  # drawn on the CPU from add_lora's generator
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)  # PEFT's default init of A
+        # A is drawn on the CPU from add_lora's generator, with PEFT's default init
+        lora_A = torch.empty(r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(lora_A.to(self.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device,
+                                               dtype=torch.float32))
         self.lora_enabled = True
         self.reference_delta = None  # (out, in): what the GRPO reference adds to the base once synced
 
@@ -344,7 +364,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight)
         if self.lora_enabled:
             h = self.lora_dropout(x)
-            if not torch.is_autocast_enabled(x.device.type):  # under autocast the bf16 input stays bf16: no fp32 copy
+            # under autocast the bf16 input stays bf16: no fp32 copy
+            if not torch.is_autocast_enabled(x.device.type):
                 h = h.to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
         elif self.reference_delta is not None:  # the synced reference policy: W0 + its dense delta
@@ -367,7 +388,8 @@ def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
             linear = getattr(block, name)
             linear.__class__ = LoRALinear
             linear.add_adapter(r, alpha, dropout, generator)
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets)}
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": list(targets)}
     return model
 
 
@@ -390,11 +412,12 @@ def adapters_disabled(model):
 
 
 def sync_lora_reference(model, alpha):
-    """TRL's reference mix-up, ref_W = alpha * W + (1 - alpha) * ref_W, on the effective weights of a LoRA model.
-    Policy and reference share the frozen base W0, so the mix acts on their deltas over it:
-    ref_delta = alpha * s B A + (1 - alpha) * ref_delta, zero before the first sync. A mix of products is not the
-    product of mixed factors, so the reference delta is dense: one (out, in) tensor per adapted layer, in the base's
-    dtype (LLaDA-8B with q, k, v and up adapted: 3.2e9 numbers, 6.4 GB in bf16, allocated at the first sync)."""
+    """TRL's reference mix-up, ref_W = alpha * W + (1 - alpha) * ref_W, on the effective weights of a LoRA
+    model. Policy and reference share the frozen base W0, so the mix acts on their deltas over it:
+    ref_delta = alpha * s B A + (1 - alpha) * ref_delta, zero before the first sync. A mix of products is
+    not the product of mixed factors, so the reference delta is dense: one (out, in) tensor per adapted
+    layer, in the base's dtype (LLaDA-8B with q, k, v and up adapted: 3.2e9 numbers, 6.4 GB in bf16,
+    allocated at the first sync)."""
     with torch.no_grad():
         for _, m in lora_modules(model):
             delta = m.delta_weight().to(m.weight.dtype)
@@ -416,10 +439,11 @@ def set_reference_deltas(model, deltas):
 
 
 # -----------------------------------------------------------------------------
-# `python model.py merge ADAPTER_DIR OUT_DIR`, the merge's older name, runs checkpoint.py's command line
+# `python model.py merge ADAPTER_DIR OUT_DIR` is an alias of checkpoint.py's command line
 
 if __name__ == "__main__":
     import os
     import runpy
 
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint.py"), run_name="__main__")
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint.py"),
+                   run_name="__main__")

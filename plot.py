@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-parser = argparse.ArgumentParser(description="Reward and held-out accuracy against step, from metrics.jsonl files.")
+parser = argparse.ArgumentParser(
+    description="Reward and held-out accuracy against step, from metrics.jsonl files.")
 parser.add_argument("metrics", nargs="+", help="metrics.jsonl files written by grpo.py (one line per run)")
 parser.add_argument("--output", default="out/grpo.png", help="the PNG to write")
 parser.add_argument("--smooth", type=int, default=10, help="moving-average window of the reward, in steps")
@@ -50,8 +51,10 @@ for path, label, name, style in zip(args.metrics, labels, names, styles):
     ax_reward.plot(steps, smoothed, color=colors[name], linestyle=style, label=label)
     ax_reward.plot(steps, rewards, color=colors[name], alpha=0.15, linewidth=0.6)
     if evaluated:
-        ax_accuracy.plot(*zip(*evaluated), marker="o", markersize=3, color=colors[name], linestyle=style, label=label)
-ax_reward.set(xlabel="step", ylabel="mean reward of the rollouts", title=f"reward ({args.smooth}-step average)")
+        ax_accuracy.plot(*zip(*evaluated), marker="o", markersize=3, color=colors[name], linestyle=style,
+                         label=label)
+ax_reward.set(xlabel="step", ylabel="mean reward of the rollouts",
+              title=f"reward ({args.smooth}-step average)")
 ax_accuracy.set(xlabel="step", ylabel="held-out accuracy (%)", title="greedy held-out accuracy")
 for ax in (ax_reward, ax_accuracy):
     ax.grid(alpha=0.3)

@@ -15,11 +15,7 @@ Python's re is quadratic on hostile text, one is applied only where it can match
 replaces it (bench/hostile.py pairs each with d1's call: tests fuzz the two equal, and
 `python -m bench.rewards` times both).
 
-Where d1's code does not do what it says, we do what it says:
-- boxed_in_answer's `"\\boxed"` is not a raw string (a backspace), so it never fires;
-- the Countdown check runs eval() on model text (`9**9**9**9` hangs training);
-- the integer reward's str.isdigit accepts superscripts and other scripts' digits;
-- the first format regexes lacked re.DOTALL, so multi-line reasoning never matched.
+Where d1's code does not do what it says, we do what it says: see the README's table of differences from d1.
 """
 
 import itertools
@@ -362,7 +358,8 @@ def evaluate_expression(expression):
             if op == "/" and right == 0:
                 raise _Reject
             value = _APPLY[op](value, right)
-            if abs(value.numerator).bit_length() > MAX_VALUE_BITS or value.denominator.bit_length() > MAX_VALUE_BITS:
+            if (abs(value.numerator).bit_length() > MAX_VALUE_BITS
+                    or value.denominator.bit_length() > MAX_VALUE_BITS):
                 raise _Reject
         return value
 
@@ -437,7 +434,8 @@ def countdown_equation_left(text):
     such "=" ends the leftmost match."""
     equals = text.find("=")
     while equals >= 0:
-        if 0 < equals < len(text) - 1 and text[equals - 1] in _LEFT_CHARS and text[equals + 1] in _RESULT_CHARS:
+        if (0 < equals < len(text) - 1 and text[equals - 1] in _LEFT_CHARS
+                and text[equals + 1] in _RESULT_CHARS):
             head = text[:equals]
             return head[len(head.rstrip(_LEFT_CHARS)):]
         equals = text.find("=", equals + 1)
@@ -543,7 +541,8 @@ def first_digits(text, count=SUDOKU_CELLS):
 def tiny_sudoku_cells_reward(completions, puzzle, solution, **columns):
     """tiny_sudoku: the fraction of the puzzle's blank cells that the completion's first 16 digits
     fill correctly (weight 1.0)."""
-    cells = [sudoku_cells_correct(first_digits(_text(c)), p, s) for c, p, s in zip(completions, puzzle, solution)]
+    cells = [sudoku_cells_correct(first_digits(_text(c)), p, s)
+             for c, p, s in zip(completions, puzzle, solution)]
     return [correct / empty if empty else 0.0 for correct, empty in cells]
 
 
@@ -566,7 +565,8 @@ def sudoku_valid(completion, puzzle):
     grid = sudoku_grid_d1(text)[:SUDOKU_CELLS] if ANSWER_OPEN in text else first_digits(text)
     return (len(grid) == SUDOKU_CELLS and all(c in "1234" for c in grid)
             and all(len({grid[i] for i in unit}) == 4 for unit in _SUDOKU_UNITS)
-            and len(puzzle) == SUDOKU_CELLS and all(p == SUDOKU_EMPTY or p == g for p, g in zip(puzzle, grid)))
+            and len(puzzle) == SUDOKU_CELLS
+            and all(p == SUDOKU_EMPTY or p == g for p, g in zip(puzzle, grid)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -597,7 +597,8 @@ def score(task, completion, **columns):
     if task == "gsm8k":
         number = gsm8k_number(text)
         try:
-            reference = float(str(columns["answer"]).replace(",", "")) if columns["answer"] is not None else None
+            reference = (float(str(columns["answer"]).replace(",", "")) if columns["answer"] is not None
+                         else None)
         except ValueError:
             reference = None
         return int(number is not None and reference is not None and number == reference), 1

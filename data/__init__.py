@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from data.countdown import countdown_examples
-from data.sudoku import CANVAS_BLANK, EMPTY, TINY_NUM_SFT_GRIDS, check_puzzle, sudoku_examples, tiny_sudoku_examples
+from data.sudoku import (CANVAS_BLANK, EMPTY, TINY_NUM_SFT_GRIDS, check_puzzle, sudoku_examples,
+                         tiny_sudoku_examples)
 from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
 
 TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")
 DEFAULT_DATA_DIR = "data/files"
-# the sampler's settings per task: d1's evaluation (gen_length 128/256/512, block_length 32, steps = gen_length / 2),
-# and the tiny task's answer, 19 characters + EOS: one block of 20
+# the sampler's settings per task: d1's evaluation (gen_length 128/256/512, block_length 32,
+# steps = gen_length / 2), and the tiny task's answer, 19 characters + EOS: one block of 20
 GENERATION_DEFAULTS = {
     "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
     "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
@@ -82,8 +83,9 @@ def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limi
     return s1k_examples(split, data_dir=data_dir, style=style, limit=limit)
 
 
-# d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42); np.random.choice(500, 256,
-# replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256 problems, so nothing is drawn there
+# d1 scores Sudoku on 256 of its 500 test puzzles, drawn by np.random.seed(42);
+# np.random.choice(500, 256, replace=False) (its eval/sudoku.py); its Countdown file holds exactly 256
+# problems, so nothing is drawn there
 SUBSAMPLED_TASKS, SUBSAMPLE_SIZE, SUBSAMPLE_SEED = ("countdown", "sudoku"), 256, 42
 
 
@@ -98,10 +100,11 @@ def test_examples(task, data_dir, limit=None):
 
 
 def encode_prompt(tokenizer, messages, prefill="", add_special_tokens=False):
-    """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's evaluation
-    appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4 and 5. Rollouts
-    encode as TRL does (add_special_tokens=False: the template already holds the BOS); d1's evaluation calls
-    the tokenizer with its default, True, which adds whatever the tokenizer's post-processor adds."""
+    """Token ids of a chat prompt: the template with the assistant header, then `prefill` (d1's
+    evaluation appends "<reasoning>"). Rendered to text first, so it reads the same under transformers 4
+    and 5. Rollouts encode as TRL does (add_special_tokens=False: the template already holds the BOS); d1's
+    evaluation calls the tokenizer with its default, True, which adds whatever the tokenizer's
+    post-processor adds."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text + prefill, add_special_tokens=add_special_tokens)["input_ids"]
 
@@ -109,16 +112,18 @@ def encode_prompt(tokenizer, messages, prefill="", add_special_tokens=False):
 def sft_tokens(tokenizer, example):
     """(prompt_ids, response_ids) of one SFT example, before truncation and padding.
 
-    Chat tasks are built as d1's SFT builds them (its preprocess_dataset): the sequence is the chat template over
-    the user turn and the assistant's reply, so the reply ends with the template's end of turn (<|eot_id|> for
-    LLaDA), and the prompt is as long as the tokens of the template over the user turn alone plus "\n", which puts
-    the boundary one token into the assistant header (the rest of the header is trained). Infilling tasks (a
-    canvas) are built as the sampler reads them: the prompt with its generation header, then the completion and
-    one EOS, position for position the canvas the sampler starts from.
+    Chat tasks are built as d1's SFT builds them (its preprocess_dataset): the sequence is the chat
+    template over the user turn and the assistant's reply, so the reply ends with the template's end of
+    turn (<|eot_id|> for LLaDA), and the prompt is as long as the tokens of the template over the user turn
+    alone plus "\n", which puts the boundary one token into the assistant header (the rest of the header is
+    trained). Infilling tasks (a canvas) are built as the sampler reads them: the prompt with its
+    generation header, then the completion and one EOS, position for position the canvas the sampler
+    starts from.
     """
     if example.get("canvas") is not None:
         prompt_ids = encode_prompt(tokenizer, example["prompt"], example["prefill"])
-        response_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response_ids = (tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+                        + [tokenizer.eos_token_id])
         return prompt_ids, response_ids
     reply = [{"role": "assistant", "content": example["prefill"] + example["completion"]}]
     full = tokenizer(tokenizer.apply_chat_template(example["prompt"] + reply, tokenize=False))["input_ids"]
@@ -144,8 +149,8 @@ def encode_canvas(tokenizer, example, gen_length, mask_id):
 
 
 def tiny_sudoku_canvas(puzzle):
-    """The canvas of a tiny_sudoku puzzle written as 4 rows of 4 digits ('0' = blank): the rows with each blank
-    to fill. A ValueError names a malformed puzzle."""
+    """The canvas of a tiny_sudoku puzzle written as 4 rows of 4 digits ('0' = blank): the rows with each
+    blank to fill. A ValueError names a malformed puzzle."""
     rows = puzzle.split("\n")
     if len(rows) != 4 or any(len(row) != 4 for row in rows):
         raise ValueError(f"a tiny_sudoku puzzle is 4 rows of 4 digits (0 = blank), got {puzzle!r}")
@@ -154,13 +159,15 @@ def tiny_sudoku_canvas(puzzle):
 
 
 # -----------------------------------------------------------------------------
-# Which examples a step uses, and the noise it draws: functions of (seed, step, ...), never of what ran before or
-# of which rank computes them, so that a run resumes without data-loader state and reproduces at any world size
+# Which examples a step uses, and the noise it draws: functions of (seed, step, ...), never of what ran
+# before or of which rank computes them, so that a run resumes without data-loader state and reproduces
+# at any world size
 
 
 def derive_seed(*numbers):
     """A 63-bit seed from a tuple such as (seed, step, example, sample)."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
 
 
 def generator(*numbers, device="cpu"):

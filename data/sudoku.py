@@ -145,9 +145,10 @@ def make_puzzles(grids, n, min_blanks, max_blanks, seed):
 # ---------------------------------------------------------------------------------------------------
 # d1's Sudoku task
 
-# d1's prompt, verbatim (diffu-grpo/data_utils.py and eval/sudoku.py use the same text).
+# d1's prompt, verbatim (diffu-grpo/data_utils.py, eval/sudoku.py); a trailing backslash joins two lines
 SUDOKU_SYSTEM_PROMPT = """
-Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
+Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string \
+reading left-to-right, top-to-bottom, where '0' represents empty cells.
 
 Rules:
 - Fill empty cells with digits 1-4
@@ -155,7 +156,8 @@ Rules:
 - Each column must contain digits 1-4 exactly once
 - Each 2x2 box must contain digits 1-4 exactly once
 
-Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, representing your final solved grid.
+Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, \
+representing your final solved grid.
 
 Respond in this exact format:
 <reasoning>

@@ -46,13 +46,13 @@ Your reasoning here
 </answer>
 """
 
-# d1's evaluation prompts (eval/gsm8k.py, eval/math500.py), character for character: they differ only in a space
-# before the first newline (GSM8K) and in MATH500's ending `</answer>" \n`, a stray quote in d1 that we keep,
-# since evaluation must see d1's prompt.
-_BOXED_TASK = ("You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final "
-               "answer in a \\boxed{}.")
-_BOXED_FORMAT = ("Respond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n<answer>\n"
-                 "\\boxed{...}\n</answer>")
+# d1's evaluation prompts (eval/gsm8k.py, eval/math500.py), character for character: they differ only in
+# a space before the first newline (GSM8K) and in MATH500's ending `</answer>" \n`, a stray quote in d1
+# that we keep, since evaluation must see d1's prompt.
+_BOXED_TASK = ("You are a math expert. You will be given a question to solve. Solve it step by step. "
+               "Wrap the final answer in a \\boxed{}.")
+_BOXED_FORMAT = ("Respond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
+                 "<answer>\n\\boxed{...}\n</answer>")
 GSM_SYSTEM_PROMPT = _BOXED_TASK + " \n" + _BOXED_FORMAT
 MATH500_SYSTEM_PROMPT = _BOXED_TASK + "\n" + _BOXED_FORMAT + '" \n'
 
@@ -145,8 +145,8 @@ def read_task_file(task, data_dir, split, limit, splits=("train", "test")):
 
 
 def read_test_file(task, path, read, limit):
-    """read(path), d1's test file of a generated task, with the message that says how to get it when it is missing;
-    the first `limit` records."""
+    """read(path), d1's test file of a generated task, with the message that says how to get it when it
+    is missing; the first `limit` records."""
     try:
         records = read(path)
     except FileNotFoundError:
@@ -209,8 +209,9 @@ def gsm8k_examples(split, *, data_dir, style, limit):
 
 
 def math500_examples(split, *, data_dir, style, limit):
-    """MATH problems. The answer column is the last \\boxed{} of the solution in the training split (d1's rewards
-    read it so), and in the test split the `answer` field when the file has one (MATH-500, as d1's evaluation)."""
+    """MATH problems. The answer column is the last \\boxed{} of the solution in the training split (d1's
+    rewards read it so), and in the test split the `answer` field when the file has one (MATH-500, as d1's
+    evaluation)."""
     path, rows = read_task_file("math500", data_dir, split, limit)
     records = []
     for line_number, row in rows:

@@ -1,7 +1,7 @@
 """
-Helpers shared by the tests that run scripts: running a script (one process inside the test process, as
-__main__; two gloo ranks or two nodes as torchrun subprocesses), writing tiny starting checkpoints, and reading
-back what the scripts wrote (metrics.jsonl, parameters).
+Helpers shared by the tests that run scripts: running a script (one process inside the test process,
+as __main__; two gloo ranks or two nodes as torchrun subprocesses), writing tiny starting checkpoints,
+and reading back what the scripts wrote (metrics.jsonl, parameters).
 
 Every script runs from the repository root (subprocesses with OMP_NUM_THREADS=1) and writes only where its
 arguments say (the tests pass folders under tmp_path).
@@ -38,8 +38,9 @@ DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
 
 
 def expected_lr(step, peak, warmup_steps, total_steps, schedule):
-    """The learning-rate schedule the stage scripts document, written out: linear warm-up over warmup_steps, then
-    constant, linear decay to 0 at total_steps, or cosine decay to 10% of the peak there."""
+    """The learning-rate schedule the stage scripts document, written out: linear warm-up over
+    warmup_steps, then constant, linear decay to 0 at total_steps, or cosine decay to 10% of the peak
+    there."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -86,7 +87,8 @@ def run_script(script, *args, nproc=1, expect_ok=True):
     under torch.distributed.run."""
     if nproc > 1:
         cmd = command(script, args, nproc)
-        proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S)
         run = Run(cmd, proc.returncode, proc.stdout, proc.stderr)
     else:
         run = run_in_this_process(script, [str(a) for a in args])

@@ -5,7 +5,7 @@ and threshold (confidence-threshold parallel decoding, Fast-dLLM).
 - the cached forward's mechanics are exact: with a cache computed from the current sequence, the logits
   of the queried positions (and the keys/values returned) equal the full forward's to 1e-5, with padded
   prompts under an attention mask, grouped-query heads and LoRA adapters; its argument errors;
-- cache="none", threshold=None is the sampler as it was: the same tokens as the slow reference sampler of
+- cache="none", threshold=None is the plain sampler: the same tokens as the slow reference sampler of
   test_generate.py;
 - with one step per block every step is a block's first (full) pass, so the caches give the plain tokens
   exactly, with cfg and a canvas too; otherwise they give complete completions that keep the canvas;
@@ -73,9 +73,10 @@ def test_cached_forward_equals_the_full_forward(make_model, variant):
             logits, new_kv = model(x, attention_mask, positions, past_kv=kv, queries=queries, return_kv=True)
             expected = full[:, positions] if positions != slice(None) else full[:, queries]
             assert logits.shape == expected.shape
-            assert torch.allclose(logits, expected, atol=1e-5, rtol=0), (queries, (logits - expected).abs().max())
+            assert torch.allclose(logits, expected, atol=1e-5, rtol=0), \
+                (queries, (logits - expected).abs().max())
             assert max_kv_difference(new_kv, kv) < 1e-5
-        # positions as a bool mask (the fast sampler's still-masked positions): the logits of those, row by row
+        # positions as a bool mask (the fast sampler's still-masked positions): their logits, row by row
         chosen = torch.zeros_like(x, dtype=torch.bool)
         chosen[0, 12] = chosen[2, 10:14:2] = True
         for past_kv, queries in ((None, slice(None)), (kv, slice(10, 14)), (kv, slice(10, None))):
@@ -86,7 +87,8 @@ def test_cached_forward_equals_the_full_forward(make_model, variant):
         assert k.shape == (3, model.cfg.n_kv_heads, 24, model.cfg.head_dim) and v.shape == k.shape
         # a stale cache is what the sampler approximates with: it changes the result
         stale = [(k.roll(1, dims=2), v.roll(1, dims=2)) for k, v in kv]
-        assert not torch.allclose(model(x, attention_mask, slice(10, 14), past_kv=stale, queries=slice(10, 14)),
+        assert not torch.allclose(model(x, attention_mask, slice(10, 14), past_kv=stale,
+                                        queries=slice(10, 14)),
                                   full[:, 10:14], atol=1e-3)
 
 
@@ -116,7 +118,8 @@ def test_no_cache_no_threshold_equals_slow_reference(make_model, steps, gen_leng
     prompts = random_prompts(model, 2, 4, seed=1)
     out = G.generate(model, prompts, steps, gen_length, block_length, cfg_scale=cfg_scale, mask_id=mask_id,
                      cache="none", threshold=None)
-    assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale, mask_id))
+    assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale,
+                                               mask_id))
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
@@ -149,7 +152,8 @@ def test_caches_with_one_step_per_block_are_exact(make_model, cfg_scale):
                 assert torch.equal(many[:, 5:][given], canvas[given])
             # the same passes; each runs only the rows that commit something (one token each here)
             assert stats["forward_passes"] == plain_stats["forward_passes"]
-            assert stats["row_forward_passes"] == stats["generated_tokens"] <= plain_stats["row_forward_passes"]
+            assert (stats["row_forward_passes"] == stats["generated_tokens"]
+                    <= plain_stats["row_forward_passes"])
 
 
 # -----------------------------------------------------------------------------
@@ -177,10 +181,12 @@ def test_threshold_commits_at_least_one_and_all_confident(peak, expected_passes)
     logits[4] = -30.0  # the mask token
     model = CountingModel(FixedLogitsModel(logits), mask_id=4)
     stats = {}
-    out = G.generate(model, torch.zeros(1, 2, dtype=torch.long), 2, 8, 4, mask_id=4, threshold=0.9, stats=stats)
+    out = G.generate(model, torch.zeros(1, 2, dtype=torch.long), 2, 8, 4, mask_id=4, threshold=0.9,
+                     stats=stats)
     assert not (out == 4).any()
     assert stats["forward_passes"] == len(model.masked) == expected_passes
-    assert stats == {"forward_passes": expected_passes, "row_forward_passes": expected_passes, "generated_tokens": 8}
+    assert stats == {"forward_passes": expected_passes, "row_forward_passes": expected_passes,
+                     "generated_tokens": 8}
     if peak == 0.0:  # each pass saw one fewer mask in its block
         assert model.masked == [4, 3, 2, 1, 4, 3, 2, 1]
 
@@ -189,19 +195,20 @@ def test_threshold_commits_at_least_one_and_all_confident(peak, expected_passes)
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
 def test_threshold_rows_are_independent_of_their_batch(make_model, cache, cfg_scale):
     """Rows finish their blocks at different steps (the batch runs more passes than some of its rows
-    alone, and finished rows leave the pass and its cache); a row's tokens are the same alone and in the batch."""
+    alone, and finished rows leave the pass and its cache); a row's tokens are the same alone and in the
+    batch."""
     model = confident_model(make_model, seed=7)
     mask_id = model.cfg.mask_token_id
     prompts = random_prompts(model, 4, 5, seed=3)
     stats = {}
-    batch = G.generate(model, prompts, 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id, cache=cache, threshold=0.9,
-                       stats=stats)
+    batch = G.generate(model, prompts, 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id, cache=cache,
+                       threshold=0.9, stats=stats)
     assert not (batch == mask_id).any()
     alone_passes = []
     for row in range(4):
         row_stats = {}
-        alone = G.generate(model, prompts[row:row + 1], 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id, cache=cache,
-                           threshold=0.9, stats=row_stats)
+        alone = G.generate(model, prompts[row:row + 1], 6, 12, 4, cfg_scale=cfg_scale, mask_id=mask_id,
+                           cache=cache, threshold=0.9, stats=row_stats)
         assert torch.equal(alone[0], batch[row]), row
         alone_passes.append(row_stats["forward_passes"])
     # each block takes as many passes as its slowest row
@@ -219,8 +226,9 @@ def test_threshold_with_cfg_canvas_and_padding(make_model):
     canvas[1, 4:] = mask_id  # row 1: the first block has nothing to sample
     for cache in MODES:
         stats = {}
-        out = G.generate(model, prompts, 4, 8, 4, cfg_scale=1.0, mask_id=mask_id, attention_mask=attention_mask,
-                         canvas=canvas, cache=cache, threshold=0.9, stats=stats)
+        out = G.generate(model, prompts, 4, 8, 4, cfg_scale=1.0, mask_id=mask_id,
+                         attention_mask=attention_mask, canvas=canvas, cache=cache, threshold=0.9,
+                         stats=stats)
         given = canvas != mask_id
         assert torch.equal(out[:, 5:][given], canvas[given]) and not (out == mask_id).any()
         assert stats["generated_tokens"] == 7 and 2 <= stats["forward_passes"] <= 6
@@ -244,8 +252,8 @@ def test_argument_errors(make_model):
 
 def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     """`python -m bench.sampler --model DIR DIR`, shrunk: a small random model and shape for (a), two
-    saved tiny checkpoints on 4 held-out puzzles for (b); one row per mode and workload with its passes per token
-    and, in (b), percentages. Without --model, (b) is skipped with a note."""
+    saved tiny checkpoints on 4 held-out puzzles for (b); one row per mode and workload with its passes
+    per token and, in (b), percentages. Without --model, (b) is skipped with a note."""
     import data
 
     tokenizer = C.build_tiny_tokenizer()
@@ -257,9 +265,11 @@ def test_bench_prints_every_mode(make_model, monkeypatch, capsys, tmp_path):
     examples = data.test_examples("tiny_sudoku", "data/files", 4)
     monkeypatch.setattr(data, "test_examples", lambda task, data_dir: examples)
     sampler.bench(paths)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("(a) bench", "(b) tiny"))]
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("(a) bench", "(b) tiny"))]
     assert len(rows) == 18, rows
-    names = ["plain", "prefix", "dual", "plain + threshold 0.9", "prefix + threshold 0.9", "dual + threshold 0.9"]
+    names = ["plain", "prefix", "dual",
+             "plain + threshold 0.9", "prefix + threshold 0.9", "dual + threshold 0.9"]
     for row, name in zip(rows, names * 3):
         assert f" {name} " in row, (row, name)
     assert all(row.startswith("(b) tiny 4 ") for row in rows[6:12])

@@ -60,7 +60,8 @@ def test_encode_canvas():
     assert ids[:19].count(mask_id) == blanks  # the blank cells
     assert ids[19] == tokenizer.eos_token_id  # the answer's end is fixed too
     assert ids[20:] == [mask_id] * 4  # room left over stays masked
-    assert tokenizer.decode([t for t in ids[:19] if t != mask_id]) == example["canvas"].replace(data.CANVAS_BLANK, "")
+    assert (tokenizer.decode([t for t in ids[:19] if t != mask_id])
+            == example["canvas"].replace(data.CANVAS_BLANK, ""))
     assert data.encode_canvas(tokenizer, {"canvas": None}, 24, mask_id) is None
     try:
         data.encode_canvas(tokenizer, example, 10, mask_id)

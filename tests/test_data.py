@@ -17,7 +17,8 @@ import rewards
 from data import TASKS, load_examples
 from data.countdown import load_countdown_jsonl, make_countdown_problems, solve_countdown
 from data.prepare import prepare
-from data.sudoku import all_grids, count_solutions, is_solution_grid, load_sudoku_csv, make_puzzles, split_grids
+from data.sudoku import (all_grids, count_solutions, is_solution_grid, load_sudoku_csv, make_puzzles,
+                         split_grids)
 
 RECORD_KEYS = {"prompt", "prefill", "completion", "question", "ground_truth"}
 
@@ -120,7 +121,8 @@ def test_tiny_sudoku_coverage_split():
     assert {r["solution"] for r in rl} <= set(train)
     assert {r["solution"] for r in held_out} <= set(test)
     assert {r["puzzle"] for r in sft} != {r["puzzle"] for r in rl}
-    assert {r["solution"] for r in load_examples("tiny_sudoku", "sft", limit=300, num_sft_grids=2)} <= set(train[:2])
+    assert ({r["solution"] for r in load_examples("tiny_sudoku", "sft", limit=300, num_sft_grids=2)}
+            <= set(train[:2]))
 
 
 def test_tiny_sudoku_record_format_and_determinism():
@@ -135,7 +137,8 @@ def test_tiny_sudoku_record_format_and_determinism():
         assert len(rows) == 4 and all(len(row) == 4 and row.isdigit() for row in rows)
         assert "".join(rows) == r["puzzle"] and 6 <= r["puzzle"].count("0") <= 10
         assert r["completion"].replace("\n", "") == r["solution"] == r["ground_truth"]
-        assert rewards.score("tiny_sudoku", r["completion"], puzzle=r["puzzle"], solution=r["solution"]) == (1, 1)
+        assert rewards.score("tiny_sudoku", r["completion"], puzzle=r["puzzle"],
+                             solution=r["solution"]) == (1, 1)
 
 
 def test_num_sft_grids_only_for_tiny_sudoku():
@@ -238,11 +241,13 @@ def test_gsm8k_sft_target_earns_d1s_full_reward(tmp_path):
 
 def test_math500_loader_answer_field_or_boxed(tmp_path):
     write_jsonl(tmp_path / "math500_test.jsonl",
-                [{"problem": "What is 1/2 of 1?", "solution": "It is $\\boxed{\\frac12}$.", "answer": "\\frac{1}{2}"}])
+                [{"problem": "What is 1/2 of 1?", "solution": "It is $\\boxed{\\frac12}$.",
+                  "answer": "\\frac{1}{2}"}])
     write_jsonl(tmp_path / "math500_train.jsonl", [{"problem": "2+2?", "solution": "So $\\boxed{4}$."}])
     test = load_examples("math500", "test", data_dir=str(tmp_path), style="eval")[0]
     train = load_examples("math500", "train", data_dir=str(tmp_path))[0]
-    assert (test["answer"], test["ground_truth"], test["question"]) == ("\\frac{1}{2}", "\\frac{1}{2}", "What is 1/2 of 1?")
+    assert (test["answer"], test["ground_truth"], test["question"]) == ("\\frac{1}{2}", "\\frac{1}{2}",
+                                                                        "What is 1/2 of 1?")
     assert test["prompt"][0]["content"].endswith("\\boxed{...}\n</answer>\" \n\n\nWhat is 1/2 of 1?")
     assert train["answer"] == "4"
     assert "Wrap the final answer in a \\boxed{}. \n\n2+2?" in train["prompt"][0]["content"]
@@ -257,7 +262,8 @@ def test_s1k_loader_formats_completion_as_d1_sft(tmp_path):
     assert first["completion"] == "<reasoning>think A</reasoning>\n<answer>A1</answer>"
     assert second["completion"] == "<reasoning>think C</reasoning>\n<answer>A2</answer>"
     assert first["prompt"][0]["content"] == (
-        "\nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n<answer>\n...\n</answer>\n\n\nQ1")
+        "\nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
+        "<answer>\n...\n</answer>\n\n\nQ1")
     assert first["ground_truth"] == "S" and second["ground_truth"] is None
     with pytest.raises(ValueError):
         load_examples("s1k", "train", data_dir=str(tmp_path), style="eval")
@@ -274,7 +280,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 def test_missing_file_says_how_to_prepare(tmp_path):
-    for task, split in (("gsm8k", "test"), ("math500", "test"), ("s1k", "train"), ("countdown", "test"), ("sudoku", "test")):
+    for task, split in (("gsm8k", "test"), ("math500", "test"), ("s1k", "train"), ("countdown", "test"),
+                        ("sudoku", "test")):
         with pytest.raises(FileNotFoundError, match=f"python -m data.prepare --task {task}"):
             load_examples(task, split, data_dir=str(tmp_path))
 
@@ -326,5 +333,5 @@ def test_derived_seeds_and_generators():
     seeds = {data.derive_seed(0, step, example) for step in range(20) for example in range(20)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
     assert data.derive_seed(1, 2) != data.derive_seed(2, 1)
-    assert torch.rand(4, generator=data.generator(7, 1)).tolist() == pytest.approx([0.6296906, 0.2163504, 0.7208009,
-                                                                                   0.5624869], abs=1e-6)
+    assert torch.rand(4, generator=data.generator(7, 1)).tolist() == pytest.approx(
+        [0.6296906, 0.2163504, 0.7208009, 0.5624869], abs=1e-6)

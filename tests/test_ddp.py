@@ -99,9 +99,9 @@ def test_two_process_gloo(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(worker), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(worker), str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert all((tmp_path / f"rank{rank}.json").exists() for rank in range(2)), output
     outs = []

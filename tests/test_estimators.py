@@ -13,12 +13,12 @@ Guards the likelihood estimators and objectives beyond d1 (grpo.py --estimator, 
 - for each estimator x objective, on a toy group of two completions with advantages +1 and -1, the gradient is
   finite and one small SGD step raises the positive completion's estimated log-likelihood relative to the
   negative one (on 32 fixed mask draws, the training draw among them);
-- estimator_stats.py runs on a tiny checkpoint and prints finite figures for both estimators and the
-  forward-pass counts;
-- grpo.py end to end: --estimator coupled with mu 2 and beta > 0 (old, reference and current log-probs on the
-  same coupled masks: the first ratio exactly 1; 12 forward passes per step), and --objective wd1 with --estimator
-  coupled (the current policy's passes alone: 4 per step; the model moves); --objective wd1 refuses --beta with
-  a clean message.
+- bench/estimators.py (`python -m bench.estimators`) runs on a tiny checkpoint and prints finite figures
+  for both estimators and the forward-pass counts;
+- grpo.py end to end: --estimator coupled with mu 2 and beta > 0 (old, reference and current log-probs on
+  the same coupled masks: the first ratio exactly 1; 12 forward passes per step), and --objective wd1 with
+  --estimator coupled (the current policy's passes alone: 4 per step; the model moves); --objective wd1
+  refuses --beta with a clean message.
 The default path (d1's estimator, the grpo objective) is guarded by test_grpo.py.
 """
 
@@ -29,6 +29,8 @@ import torch
 from helpers import assert_clean_error, digit_checkpoint, max_difference, parameters, read_metrics, run_script
 
 import grpo
+import model as M
+import objectives
 
 MASK_ID = 5
 PROMPT_LENGTH = 12
@@ -51,15 +53,18 @@ def toy_batch(rows=4, length=24, seed=0):
 @pytest.mark.parametrize("p_mask_prompt", [0.0, 0.15])
 def test_coupled_masks_are_complementary_over_the_actions(p_mask_prompt):
     x, is_prompt = toy_batch(rows=256, length=40)
-    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, p_mask_prompt, MASK_ID, torch.Generator().manual_seed(3))
+    inputs, weights = objectives.coupled_estimator_input(x, is_prompt, p_mask_prompt, MASK_ID,
+                                                   torch.Generator().manual_seed(3))
     assert inputs.shape == (2, *x.shape) and weights.shape == (2, *x.shape)
     first, second = inputs[0] == MASK_ID, inputs[1] == MASK_ID
     actions = ~is_prompt
     assert torch.equal(first[actions] ^ second[actions], torch.ones_like(first[actions]))  # exactly one pass
-    # the conditioning tokens: the same mask in both passes, at d1's rate (10,496 draws: standard error < 0.0035)
+    # the conditioning tokens: the same mask in both passes, at d1's rate (10,496 draws: standard error
+    # < 0.0035)
     assert torch.equal(first[is_prompt], second[is_prompt])
     if p_mask_prompt == 0:
-        assert torch.equal(inputs[0][is_prompt], x[is_prompt]) and torch.equal(inputs[1][is_prompt], x[is_prompt])
+        assert (torch.equal(inputs[0][is_prompt], x[is_prompt])
+                and torch.equal(inputs[1][is_prompt], x[is_prompt]))
     else:
         assert abs(first[is_prompt].double().mean().item() - p_mask_prompt) < 0.015
     for p in range(2):  # what a pass does not mask is untouched
@@ -67,7 +72,7 @@ def test_coupled_masks_are_complementary_over_the_actions(p_mask_prompt):
         assert torch.equal(inputs[p][kept], x[kept])
     # weights: 1/(2t) on pass 1's masked actions, 1/(2(1 - t)) on pass 2's, 0 elsewhere (the prompt included)
     assert torch.equal(weights[0] > 0, first & actions) and torch.equal(weights[1] > 0, second & actions)
-    low, high = grpo.COUPLED_MASK_RATIO_RANGE
+    low, high = objectives.COUPLED_MASK_RATIO_RANGE
     t_seen = []
     for row in range(len(x)):
         w1, w2 = weights[0, row][weights[0, row] > 0], weights[1, row][weights[1, row] > 0]
@@ -86,7 +91,8 @@ def test_coupled_masks_are_a_function_of_the_seed():
     x, is_prompt = toy_batch()
 
     def draw(seed):
-        return grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(seed))
+        return objectives.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID,
+                                                  torch.Generator().manual_seed(seed))
 
     assert all(torch.equal(a, b) for a, b in zip(draw(7), draw(7)))
     assert not torch.equal(draw(7)[0], draw(8)[0])
@@ -95,9 +101,10 @@ def test_coupled_masks_are_a_function_of_the_seed():
 def test_coupled_logprobs_read_each_token_from_the_pass_that_masked_it(make_model):
     model = make_model(seed=1)
     x, is_prompt = toy_batch(rows=3)
-    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, torch.Generator().manual_seed(0))
+    inputs, weights = objectives.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID,
+                                                   torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = grpo.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
+        fast = objectives.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
         passes = [torch.log_softmax(model(inputs[p]), dim=-1) for p in range(2)]  # (N, L, V) each
     assert fast.shape == (3, x.shape[1] - PROMPT_LENGTH)
     for i in range(3):
@@ -135,14 +142,14 @@ def test_wd1_loss_equals_slow_reference():
     mask = (torch.rand(G * groups, T, generator=g) > 0.3).double()
     advantages = torch.tensor([[1.5, -0.5, -0.5, -0.5], [0.0, 0.0, 0.0, 0.0], [0.7, 0.2, -0.4, -0.5]],
                               dtype=torch.float64)
-    weights = grpo.wd1_weights(advantages).reshape(-1, 1)
-    loss = grpo.wd1_loss(logp, mask, weights, groups)
+    weights = objectives.wd1_weights(advantages).reshape(-1, 1)
+    loss = objectives.wd1_loss(logp, mask, weights, groups)
     expected = slow_wd1_loss(logp.tolist(), mask.tolist(), advantages.reshape(-1).tolist(), G)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert (weights.view(groups, G)[1] == 0).all()  # a group with equal rewards teaches nothing
     # micro-batches that split groups (the loop's loss / number of micro-batches) add up to the whole loss
     halves = [slice(0, 6), slice(6, 12)]
-    split = sum(grpo.wd1_loss(logp[mb], mask[mb], weights[mb], 6 / G) / len(halves) for mb in halves)
+    split = sum(objectives.wd1_loss(logp[mb], mask[mb], weights[mb], 6 / G) / len(halves) for mb in halves)
     assert split.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
@@ -155,9 +162,9 @@ def estimate(model, estimator, x, is_prompt, seed):
     g = torch.Generator().manual_seed(seed)
     if estimator == "d1":
         perturbed = grpo.estimator_input(x, is_prompt, 0.15, MASK_ID, g)
-        return grpo.token_logprobs(model(perturbed, None, slice(PROMPT_LENGTH, None)), x[:, PROMPT_LENGTH:])
-    inputs, weights = grpo.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, g)
-    return grpo.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
+        return M.token_logprobs(model(perturbed, None, slice(PROMPT_LENGTH, None)), x[:, PROMPT_LENGTH:])
+    inputs, weights = objectives.coupled_estimator_input(x, is_prompt, 0.15, MASK_ID, g)
+    return objectives.coupled_logprobs(model, inputs, weights, x, None, PROMPT_LENGTH)
 
 
 @pytest.mark.parametrize("estimator", ["d1", "coupled"])
@@ -171,7 +178,8 @@ def test_one_step_raises_the_positive_completion(make_model, estimator, objectiv
 
     def margin():  # positive minus negative estimated log-likelihood, averaged over 32 fixed mask draws
         with torch.no_grad():
-            values = [((estimate(model, estimator, x, is_prompt, seed) * mask).sum(dim=1)) for seed in range(32)]
+            values = [((estimate(model, estimator, x, is_prompt, seed) * mask).sum(dim=1))
+                      for seed in range(32)]
         difference = torch.stack(values)[:, 0] - torch.stack(values)[:, 1]
         return difference.mean().item()
 
@@ -180,7 +188,7 @@ def test_one_step_raises_the_positive_completion(make_model, estimator, objectiv
     if objective == "grpo":  # mu = 1: old = logp, ratio 1
         loss, _, _ = grpo.grpo_loss(logp, logp.detach(), None, advantages, mask, 0.5, 0.5, 0.0)
     else:
-        loss = grpo.wd1_loss(logp, mask, grpo.wd1_weights(advantages.view(1, -1)).view(-1, 1), 1)
+        loss = objectives.wd1_loss(logp, mask, objectives.wd1_weights(advantages.view(1, -1)).view(-1, 1), 1)
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -212,7 +220,8 @@ def test_grpo_with_coupled_masks(start, tmp_path):
     # old and current log-probs read the same two coupled passes: the first ratio is exactly 1
     assert all(r["first_ratio_error"] == 0.0 for r in records)
     assert records[-1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in records)
-    assert all(r["update_forward_passes"] == 12 for r in records)  # mu 2 x (old, reference, current) x 2 passes
+    # mu 2 x (old, reference, current) x 2 passes
+    assert all(r["update_forward_passes"] == 12 for r in records)
 
 
 def test_wd1_with_coupled_masks(start, tmp_path):
@@ -232,11 +241,12 @@ def test_wd1_refuses_beta(tmp_path):
 
 
 def test_estimator_stats_prints_its_table(start):
-    run = run_script("estimator_stats.py", "--model", start, "--prompts", 2, "--num-generations", 2, "--draws", 2,
-                     "--reference-draws", 8)
+    run = run_script("bench/estimators.py", "--model", start, "--prompts", 2, "--num-generations", 2,
+                     "--draws", 2, "--reference-draws", 8)
     rows = {line.split("|")[0].strip(): line for line in run.stdout.splitlines() if line.count("|") == 6}
     assert {"d1", "coupled"} <= rows.keys(), run.stdout
     for name in ("d1", "coupled"):
         assert all(math.isfinite(float(v)) for v in rows[name].split("|")[1:]), rows[name]
     # grpo.py's defaults (mu 4, beta > 0): old, reference and current passes; wd1 the current ones alone
-    assert "d1 + grpo:  12" in run.stdout and "coupled + grpo:  24" in run.stdout and "coupled + wd1:   8" in run.stdout
+    assert ("d1 + grpo:  12" in run.stdout and "coupled + grpo:  24" in run.stdout
+            and "coupled + wd1:   8" in run.stdout)

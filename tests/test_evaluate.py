@@ -1,5 +1,6 @@
 """
-Guards evaluation, `evaluate.py`: run as a script on tiny checkpoints, and `evaluate_examples` called directly.
+Guards evaluation, `evaluate.py`: run as a script on tiny checkpoints, and `evaluate_examples` called
+directly.
 
 - `python evaluate.py --model DIR... --task tiny_sudoku --limit 16 --output-dir OUT` writes exactly one
   `*_0_generations.json` per model in d1's format (a generations list of question, prompt_input,
@@ -113,7 +114,8 @@ def test_rescoring_the_file_gives_the_printed_accuracy(models, one_process, tmp_
         assert setup in printed, f"no table row for {setup} in:\n{run.stdout}"
         (row,) = evaluate.rescore([path])
         assert abs(float(printed[setup]["accuracy"]) - row["accuracy"]) <= 0.005
-        assert (int(printed[setup]["correct"]), int(printed[setup]["total"])) == (row["correct"], row["total"])
+        assert ((int(printed[setup]["correct"]), int(printed[setup]["total"]))
+                == (row["correct"], row["total"]))
         assert row["count"] == LIMIT and row["files"] == 1
         assert row["accuracy"] == pytest.approx(100 * load(path)["metrics"]["accuracy"])
         # the file holds what scoring needs: its ground truths, as generations, score 100%
@@ -141,7 +143,8 @@ def test_two_ranks_write_the_same_generations_in_the_same_order(models, one_proc
 def test_several_models_print_one_column_each(models, one_process):
     out, run = one_process
     lines = run.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("held-out accuracy (%) on tiny_sudoku"))
+    header = next(i for i, line in enumerate(lines)
+                  if line.startswith("held-out accuracy (%) on tiny_sudoku"))
     names = [n.strip() for n in lines[header + 1].split("|")]
     values = [float(v) for v in lines[header + 2].split("|")]
     assert names == [os.path.basename(m) for m in models]
@@ -188,7 +191,8 @@ def test_completion_is_independent_of_batch_companions(tokenizer):
     model = C.build_model("tiny", tokenizer, seed=0).eval()
     examples = data.test_examples("tiny_sudoku", "data/files", 2)
     longer = copy.deepcopy(examples[1])
-    longer["prompt"][0]["content"] += "\n1234\n4321\n1111"  # 15 more tokens: the first prompt gets left-padded
+    # 15 more tokens: the first prompt gets left-padded
+    longer["prompt"][0]["content"] += "\n1234\n4321\n1111"
     settings = dict(gen_length=20, steps=20, block_length=20, batch_size=4, progress=False)
     alone = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples[:1], **settings)
     together = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", [examples[0], longer], **settings)
@@ -246,15 +250,15 @@ def test_fast_sampler_options_are_recorded(models, tokenizer):
     assert (plain["cache"], plain["threshold"], plain["forward_passes_per_token"]) == ("none", None, 1.0)
     dual = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, cache="dual", **settings)
     assert (dual["cache"], dual["forward_passes_per_token"]) == ("dual", 1.0)
-    fast = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, cache="prefix", threshold=0.2,
-                                      **settings)
+    fast = evaluate.evaluate_examples(model, tokenizer, "tiny_sudoku", examples, cache="prefix",
+                                      threshold=0.2, **settings)
     assert (fast["cache"], fast["threshold"]) == ("prefix", 0.2) and fast["forward_passes_per_token"] < 1.0
 
 
 def test_cli_fast_sampler_flags(models, tmp_path):
     out = tmp_path / "eval"
-    run_script("evaluate.py", "--model", models[1], "--task", "tiny_sudoku", "--limit", 4, "--block-length", 5,
-               "--cache", "dual", "--threshold", 0.9, "--output-dir", out)
+    run_script("evaluate.py", "--model", models[1], "--task", "tiny_sudoku", "--limit", 4,
+               "--block-length", 5, "--cache", "dual", "--threshold", 0.9, "--output-dir", out)
     (path,) = glob.glob(os.path.join(out, "*_generations.json"))
     assert os.path.basename(path) == "tiny_sudoku_digits_20_20_dual_t0.9_0_generations.json"
     written = load(path)

@@ -1,13 +1,14 @@
 """
-Guards the choices of d1's released code that we follow and that no other test would notice moving: each is
-checked against d1's rule written here as a slow reference, through the function the scripts really call.
+Guards the choices of d1's released code that we follow and that no other test would notice moving: each
+is checked against d1's rule written here as a slow reference, through the function the scripts really
+call.
 
 - the completion mask (generate.read_completions, which grpo.py's rollout calls) keeps the tokens up to and
   including the first EOS, as d1's trainer builds it from the index of the first EOS; all ones without EOS;
-- advantages (grpo.group_advantages) are the rewards minus their group's mean, not divided by the group's std
-  (d1 overrides TRL's default); --scale-rewards group divides by std + 1e-4 as TRL does;
-- grpo.d1_clip_ratio is the clip_ratio d1 logs (TRL's is_clipped at d1's pinned commit): tokens whose unclipped
-  term is below the clipped one, the side where the clip does not bind;
+- advantages (grpo.group_advantages) are the rewards minus their group's mean, not divided by the group's
+  std (d1 overrides TRL's default); --scale-rewards group divides by std + 1e-4 as TRL does;
+- grpo.d1_clip_ratio is the clip_ratio d1 logs (TRL's is_clipped at d1's pinned commit): tokens whose
+  unclipped term is below the clipped one, the side where the clip does not bind;
 - the warm-up of d1's runs: HF's constant_with_warmup, warmup_ratio of the run's optimiser steps rounded up,
   lr x step / warm-up (the first step's lr is 0), against HF's formula; a grpo.py run logs those lrs; giving
   --warmup-steps and --warmup-ratio together is refused;
@@ -15,9 +16,9 @@ checked against d1's rule written here as a slow reference, through the function
   answer field (evaluation keeps MATH-500's answer field, as d1's evaluation);
 - the generated Sudoku training set holds more puzzles than the 8B recipe's run draws (d1 draws from a large
   CSV, so no prompt comes twice);
-- evaluation encodes prompts as d1's evaluation does (the tokenizer's default add_special_tokens=True) and
-  rollouts as TRL does (False): the same ids with a tokenizer like LLaDA's, whose chat template writes the BOS,
-  and d1's doubled BOS with a tokenizer whose post-processor adds one;
+- evaluation encodes prompts as d1's evaluation does (the tokenizer's default add_special_tokens=True)
+  and rollouts as TRL does (False): the same ids with a tokenizer like LLaDA's, whose chat template
+  writes the BOS, and d1's doubled BOS with a tokenizer whose post-processor adds one;
 - --autocast-dtype float16 (d1 evaluates under torch.autocast("cuda"), i.e. float16) reaches the autocast
   context and is recorded in the generations file.
 """
@@ -92,7 +93,8 @@ def test_advantages_are_rewards_minus_the_group_mean_without_std_scaling():
     # dividing by the std would scale the first group's advantages by 1/std = 0.92, which d1 does not do
     assert got.flatten()[:4].tolist() == pytest.approx([-1.0, 0.0, 1.5, -0.5], abs=1e-6)
     scaled = group_advantages(torch.tensor(rewards), 4, "group")
-    assert scaled.flatten().tolist() == pytest.approx(slow_d1_advantages(rewards, 4, scale_by_std=True), abs=1e-5)
+    assert scaled.flatten().tolist() == pytest.approx(slow_d1_advantages(rewards, 4, scale_by_std=True),
+                                                      abs=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def test_constant_with_warmup_is_hf_schedule(total, ratio):
         assert learning_rate(step, 3e-6, "constant_with_warmup", warmup, total) == pytest.approx(
             3e-6 * hf_constant_with_warmup(step, warmup), abs=0)
     if warmup:
-        assert learning_rate(0, 3e-6, "constant_with_warmup", warmup, total) == 0.0  # the first step's lr is 0
+        # the first step's lr is 0
+        assert learning_rate(0, 3e-6, "constant_with_warmup", warmup, total) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +156,10 @@ def start(tmp_path_factory):
 def test_grpo_logs_the_hf_warmup(start, tmp_path):
     # 2 rollout batches x mu 2 = 4 optimiser steps, warm-up ceil(0.5 x 4) = 2: lrs 0, lr/2, lr, lr; a record
     # holds its last inner step's lr
-    run_script("grpo.py", "--model", start, "--prompts-per-step", 2, "--num-generations", 4, "--num-iterations", 2,
-               "--eval-examples", 0, "--max-steps", 2, "--lr", 1e-3, "--lr-schedule", "constant_with_warmup",
-               "--warmup-ratio", 0.5, "--out-dir", tmp_path / "out", "--save-every", 0)
+    run_script("grpo.py", "--model", start, "--prompts-per-step", 2, "--num-generations", 4,
+               "--num-iterations", 2, "--eval-examples", 0, "--max-steps", 2, "--lr", 1e-3,
+               "--lr-schedule", "constant_with_warmup", "--warmup-ratio", 0.5, "--out-dir", tmp_path / "out",
+               "--save-every", 0)
     records = read_metrics(tmp_path / "out")
     assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3])
     assert all(0 <= r["clip_ratio_d1"] <= 1 for r in records)  # d1's clip_ratio, logged beside ours
@@ -201,7 +205,8 @@ EXAMPLE = {"prompt": [{"role": "user", "content": "1024"}], "prefill": "<r>"}
 
 def test_evaluation_encodes_prompts_as_d1_and_rollouts_as_trl(tokenizer):
     # like LLaDA's: the chat template writes the BOS and the tokenizer adds none: the same ids either way
-    text = tokenizer.apply_chat_template(EXAMPLE["prompt"], add_generation_prompt=True, tokenize=False) + "<r>"
+    text = (tokenizer.apply_chat_template(EXAMPLE["prompt"], add_generation_prompt=True, tokenize=False)
+            + "<r>")
     rollout = data.encode_prompt(tokenizer, EXAMPLE["prompt"], EXAMPLE["prefill"])
     assert evaluate.encode_eval_prompt(tokenizer, EXAMPLE) == rollout == tokenizer(text)["input_ids"]
     assert rollout.count(tokenizer.bos_token_id) == 1

@@ -74,13 +74,14 @@ def padded_prompts(model, B, Lp, seed, row, pads):
 
 def reference_generate(model, prompt_ids, steps, gen_length, block_length, cfg_scale, mask_id, canvas=None,
                        temperature=0.0, generator=None):
-    """LLaDA's sampler, one row at a time, starting from prompt ++ canvas (canvas: all [MASK] when None). For
-    each block, left to right, its masked count n is split over steps / num_blocks steps (n // s each, one more
-    for the first n % s of them). At each step: one forward pass (and, with cfg, one with the prompt masked:
-    logits = un + (cfg + 1)(cond - un)); each still-masked position of the block predicts its argmax with
-    confidence softmax(logits)[argmax]; the k most confident are committed. At temperature T > 0 the prediction
-    is argmax(logits + T * Gumbel), the noise -log(-log(u)) read from one float64 uniform tensor
-    (B, block_length, V) drawn from `generator` at each step where some row commits (generate's order)."""
+    """LLaDA's sampler, one row at a time, starting from prompt ++ canvas (canvas: all [MASK] when None).
+    For each block, left to right, its masked count n is split over steps / num_blocks steps (n // s each,
+    one more for the first n % s of them). At each step: one forward pass (and, with cfg, one with the
+    prompt masked: logits = un + (cfg + 1)(cond - un)); each still-masked position of the block predicts
+    its argmax with confidence softmax(logits)[argmax]; the k most confident are committed. At temperature
+    T > 0 the prediction is argmax(logits + T * Gumbel), the noise -log(-log(u)) read from one float64
+    uniform tensor (B, block_length, V) drawn from `generator` at each step where some row commits
+    (generate's order)."""
     Lp = prompt_ids.shape[1]
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
@@ -141,7 +142,8 @@ def test_greedy_generate_equals_slow_reference(make_model, steps, gen_length, bl
     assert out.shape == (batch, prompt_length + gen_length)
     assert torch.equal(out[:, :prompt_length], prompts)
     assert not (out == mask_id).any()
-    assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale, mask_id))
+    assert torch.equal(out, reference_generate(model, prompts, steps, gen_length, block_length, cfg_scale,
+                                               mask_id))
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
@@ -160,7 +162,8 @@ def test_greedy_infilling_from_a_canvas_equals_slow_reference(make_model, cfg_sc
     assert not (out == mask_id).any()
     assert torch.equal(out, reference_generate(model, prompts, 8, 16, 8, cfg_scale, mask_id, canvas))
     all_masks = torch.full_like(canvas, mask_id)
-    assert torch.equal(G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id, canvas=all_masks),
+    assert torch.equal(G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id,
+                                  canvas=all_masks),
                        G.generate(model, prompts, 8, 16, 8, cfg_scale=cfg_scale, mask_id=mask_id))
 
 
@@ -287,7 +290,8 @@ def test_inverse_cdf_sample_at_the_edges_of_u():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0],   # zeros at the start, in the middle, at the end
                           [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]],     # one token, a total that is not 1
                          dtype=torch.float64)
-    draw = lambda u: G.inverse_cdf_sample(probs, torch.tensor([[u], [u]], dtype=torch.float64)).tolist()  # noqa: E731
+    draw = lambda u: G.inverse_cdf_sample(  # noqa: E731
+        probs, torch.tensor([[u], [u]], dtype=torch.float64)).tolist()
     assert draw(1.0) == [4, 2]
     assert draw(2.0 ** -53) == [1, 2]
     assert draw(0.25) == [1, 2] and draw(0.25 + 1e-12) == [3, 2]
@@ -312,8 +316,10 @@ def test_left_padding_hidden_by_attention_mask(make_model):
     other = prompts.clone()
     other[0, :2] = (prompts[0, :2] + 5) % model.cfg.vocab_size
     for cfg_scale in (0.0, 1.0):
-        a = G.generate(model, prompts, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id, attention_mask=attention_mask)
-        b = G.generate(model, other, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id, attention_mask=attention_mask)
+        a = G.generate(model, prompts, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id,
+                       attention_mask=attention_mask)
+        b = G.generate(model, other, 4, 8, 4, cfg_scale=cfg_scale, mask_id=mask_id,
+                       attention_mask=attention_mask)
         assert torch.equal(a[:, 6:], b[:, 6:]) and not (a == mask_id).any()
 
 
@@ -358,8 +364,8 @@ def test_cli_samples_from_a_saved_checkpoint(tokenizer, tmp_path):
             model.ff_out.weight[i] = 0
     path = str(tmp_path / "ckpt")
     C.save_model(model, tokenizer, path)
-    result = run_script("generate.py", "--model", path, "--prompt", "12", "--gen-length", "8", "--block-length", "4",
-                        "--steps", "4", "--device", "cpu")
+    result = run_script("generate.py", "--model", path, "--prompt", "12", "--gen-length", "8",
+                        "--block-length", "4", "--steps", "4", "--device", "cpu")
     # the same sampling in process
     loaded = C.load_model(path).eval()
     prompt = torch.tensor([data.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])])
@@ -378,8 +384,8 @@ def test_cli_task_fills_the_blanks_of_a_tiny_sudoku_canvas(tmp_path):
     puzzle = "1024\n0230\n3002\n2043"
 
     def cli(prompt, expect_ok=True):
-        return run_script("generate.py", "--model", path, "--task", "tiny_sudoku", "--prompt", prompt, "--device", "cpu",
-                          expect_ok=expect_ok)
+        return run_script("generate.py", "--model", path, "--task", "tiny_sudoku", "--prompt", prompt,
+                          "--device", "cpu", expect_ok=expect_ok)
 
     result = cli(puzzle.replace("\n", "\\n"))  # typed on a command line, as the docstring shows
     rows = result.stdout.strip().split("\n")

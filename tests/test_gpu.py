@@ -58,9 +58,9 @@ class Shape:
     p_mask_prompt: float = 0.15
 
 
-TINY = Shape(config=M.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=48, vocab_size=64,
-                                  embedding_size=64, mask_token_id=63, eos_token_id=62, pad_token_id=62,
-                                  max_sequence_length=128),
+TINY = Shape(config=M.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=48,
+                                  vocab_size=64, embedding_size=64, mask_token_id=63, eos_token_id=62,
+                                  pad_token_id=62, max_sequence_length=128),
              lora_r=4, sft_tokens=48, sft_prompt=12, prompt_length=10, gen_length=16, block_length=8,
              diffusion_steps=8)
 
@@ -107,7 +107,8 @@ def random_ids(cfg, shape, device, seed):
 def sample(model, shape, prompt_ids, device, cache="none"):
     with torch.no_grad(), M.autocast(device):
         return generate(model, prompt_ids, shape.diffusion_steps, shape.gen_length, shape.block_length, 0.9,
-                        mask_id=shape.config.mask_token_id, generator=data.generator(0, device=device), cache=cache)
+                        mask_id=shape.config.mask_token_id, generator=data.generator(0, device=device),
+                        cache=cache)
 
 
 def grpo_update(model, shape, sequences, optimizer, device):
@@ -132,7 +133,8 @@ def grpo_update(model, shape, sequences, optimizer, device):
     mask = torch.ones_like(completions, dtype=torch.float32)
     losses = []
     for k in range(shape.num_iterations):
-        loss, _, _ = grpo.grpo_loss(logprobs(perturbed[k]), old[k], ref[k], advantages, mask, 0.5, 0.5, shape.beta)
+        loss, _, _ = grpo.grpo_loss(logprobs(perturbed[k]), old[k], ref[k], advantages, mask, 0.5, 0.5,
+                                    shape.beta)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -163,7 +165,7 @@ def run_check(shape, device, dtype):
     model = random_model(cfg, device, dtype)
     prompt_ids = random_ids(cfg, (shape.num_generations, shape.prompt_length), device, seed=1)
     with torch.no_grad(), M.autocast(device):
-        model(prompt_ids)  # warm-up (kernel selection, allocator), so that the plain sampler's time is its own
+        model(prompt_ids)  # warm-up (kernels, allocator), so that the plain sampler's time is its own
 
     for cache in ("none", "prefix", "dual"):
         t0 = start_phase(device)
@@ -179,7 +181,8 @@ def run_check(shape, device, dtype):
     model.eval()  # grpo.py: rollouts and every log-prob with dropout off
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=1e-4)
-    for checkpointing in (True, False):  # the recipe's setting, then the same update without it, for its memory
+    # the recipe's setting, then the same update without it, for its memory
+    for checkpointing in (True, False):
         model.gradient_checkpointing = checkpointing
         before = [p.detach().clone() for p in adapters]
         t0 = start_phase(device)
@@ -194,7 +197,8 @@ def run_check(shape, device, dtype):
         if checkpointing:
             report["grpo step"] = {"peak_gib": peak_gib(device), "rollout_s": rollout_s, "update_s": update_s}
         else:
-            report["grpo update, no grad checkpointing"] = {"peak_gib": peak_gib(device), "update_s": update_s}
+            report["grpo update, no grad checkpointing"] = {"peak_gib": peak_gib(device),
+                                                            "update_s": update_s}
     del optimizer, before
 
     del model, adapters
@@ -228,5 +232,6 @@ def test_the_check_runs_at_a_tiny_shape_on_the_cpu():
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: the 8B check needs one (python -m pytest tests/test_gpu.py runs the tiny CPU variant)")
+        raise SystemExit("no CUDA GPU here: the 8B check needs one "
+                         "(python -m pytest tests/test_gpu.py runs the tiny CPU variant)")
     test_llada_8b_shape_fits_one_gpu()

@@ -6,20 +6,22 @@ Guards stage 2, diffu-GRPO: `grpo_loss` and `estimator_input` from grpo.py, and 
   fraction, and the gradient with respect to the log-probs), on hand-made numbers: advantages of both signs
   and zero, ratios inside and outside the clip range (one between 1 + epsilon and 1 + epsilon_high),
   beta 0 and > 0, a completion mask with zeros;
-- estimator_input (d1's one-pass estimator input): every completion token masked, conditioning tokens (the
-  prompt, and given canvas tokens) masked at p_mask_prompt (statistically, on a big batch), the unmasked
-  ones untouched, the mask a function of the generator's seed alone, p_mask_prompt 0 leaving the prompt intact;
+- estimator_input (d1's one-pass estimator input): every completion token masked, conditioning tokens
+  (the prompt, and given canvas tokens) masked at p_mask_prompt (statistically, on a big batch), the
+  unmasked ones untouched, the mask a function of the generator's seed alone, p_mask_prompt 0 leaving the
+  prompt intact;
 - grpo.py from a saved tiny checkpoint whose completions earn some reward (helpers.digit_checkpoint), each
   run exiting 0 with the metrics every record must hold:
   (a) the default path (full fine-tuning, mu 2, beta > 0, the frozen starting model as reference):
-      first_ratio_error exactly 0.0 in every record, a non-zero KL once the policy moved, the final model in
-      LLaDA's layout; the same run syncs its reference after 4 optimiser steps (e, full training): the saved reference
-      is exactly alpha policy + (1 - alpha) start;
+      first_ratio_error exactly 0.0 in every record, a non-zero KL once the policy moved, the final model
+      in LLaDA's layout; the same run syncs its reference after 4 optimiser steps (e, full training): the
+      saved reference is exactly alpha policy + (1 - alpha) start;
   exact resume of that run: 3 uninterrupted steps vs 2 steps then the same command with `--max-steps 3
   --resume` (the final checkpoint of the 2-step run is its step-2 state): bitwise equal parameters;
   (b) + (d) + (e) LoRA with mu = 1 and beta > 0 (a crash in d1) and --sync-ref-every 1: an adapter folder
-      that checkpoint.load_model loads on its base, a KL against the reference, a mixed reference adapter; its
-      rollouts use the fast sampler (--rollout-cache dual --rollout-threshold): fewer forward passes per token;
+      that checkpoint.load_model loads on its base, a KL against the reference, a mixed reference adapter;
+      its rollouts use the fast sampler (--rollout-cache dual --rollout-threshold): fewer forward passes
+      per token;
   (c) + (f) beta = 0 (no reference pass: 4 forward passes per update) with --scale-rewards group, run over
       2 gloo ranks, which keep the parameters identical;
 - the advantages are centred per group: greedy rollouts (identical completions, equal rewards > 0) with beta 0
@@ -39,9 +41,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error, assert_stopped_cleanly_by_sigterm,
-                     checkpoints, digit_checkpoint, expected_lr, max_difference, parameters, read_metrics, run_script,
-                     run_two_nodes, run_with_sigterm)
+from helpers import (LLADA_LAYOUT, assert_bitwise_equal, assert_clean_error,
+                     assert_stopped_cleanly_by_sigterm, checkpoints, digit_checkpoint, expected_lr,
+                     max_difference, parameters, read_metrics, run_script, run_two_nodes, run_with_sigterm)
 
 import checkpoint as C
 import model as M
@@ -51,8 +53,9 @@ from grpo import estimator_input, grpo_loss
 # mu 2 and beta > 0 pinned (the paths under test); temperature pinned so that groups have a reward spread
 TINY = ["--prompts-per-step", 2, "--num-generations", 4, "--num-iterations", 2, "--beta", 0.04,
         "--temperature", 0.9, "--eval-examples", 4, "--eval-every", 0]
-RECORD_KEYS = ("prompt_length", "reward", "reward_std", "zero_std_ratio", "kl", "clip_ratio", "completion_length", "lr", "grad_norm",
-               "rollout_s", "update_s", "tok_per_s", "loss", "first_ratio_error")
+RECORD_KEYS = ("prompt_length", "reward", "reward_std", "zero_std_ratio", "kl", "clip_ratio",
+               "completion_length", "lr", "grad_norm", "rollout_s", "update_s", "tok_per_s", "loss",
+               "first_ratio_error")
 
 
 # -----------------------------------------------------------------------------
@@ -228,9 +231,9 @@ def distance(a, b):
     return sum(float((a[k].detach() - b[k].detach()).double().pow(2).sum()) for k in a)
 
 
-# Full fine-tuning, mu 2, beta > 0; the reference is the frozen starting model for steps 1-2, then synced after
-# 4 optimiser steps (--sync-ref-every counts optimiser steps, 2 per rollout step at mu 2) so that step 3 and the
-# resume also exercise a mixed reference.
+# Full fine-tuning, mu 2, beta > 0; the reference is the frozen starting model for steps 1-2, then synced
+# after 4 optimiser steps (--sync-ref-every counts optimiser steps, 2 per rollout step at mu 2) so that
+# step 3 and the resume also exercise a mixed reference.
 REF_MIX_ALPHA = 0.6
 DEFAULT = ["--save-every", 2, "--sync-ref-every", 4, "--ref-mix-alpha", REF_MIX_ALPHA]
 
@@ -259,12 +262,15 @@ def test_default_path(default_run, start):
     assert any(r["reward_std"] > 0 for r in records) and all(r["grad_norm"] > 0 for r in records)
     assert max(r["kl"] for r in records) > 0  # beta > 0: the reference is read, and the policy moved from it
     assert all(r["update_forward_passes"] == 6 for r in records)  # mu 2 x (old, reference, current)
-    # the schedule: 5 warm-up optimiser steps, then cosine over 3 x mu 2; a record holds its last inner step's lr
-    assert [r["lr"] for r in records] == pytest.approx([expected_lr(2 * s + 1, 3e-4, 5, 6, "cosine") for s in range(3)])
+    # the schedule: 5 warm-up optimiser steps, then cosine over 3 x mu 2; a record holds its last inner
+    # step's lr
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(2 * s + 1, 3e-4, 5, 6, "cosine")
+                                                        for s in range(3)])
     assert all(0 <= r["clip_ratio"] <= 1 and 0 <= r["zero_std_ratio"] <= 1 for r in records)
     # tiny_sudoku is infilling: the policy's tokens are the blank cells alone (6..10), not the given cells
     assert all(0 < r["completion_length"] <= 10 for r in records)
-    assert all(r["prompt_length"] == 22 for r in records)  # <bos><user>, 4 rows of 4 digits and 3 newlines, <assistant>
+    # <bos><user>, 4 rows of 4 digits and 3 newlines, <assistant>
+    assert all(r["prompt_length"] == 22 for r in records)
     assert "eval_accuracy" in records[-1]
     for name in LLADA_LAYOUT + ("training_args.json",):
         assert (out / name).is_file()
@@ -303,9 +309,10 @@ def test_resume_is_bitwise_exact(default_run, two_steps, start, workdir):
 
 
 def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
-    """LoRA (d), mu = 1 with beta > 0 (b: a crash in d1), --sync-ref-every 1 with LoRA (e): the reference is the
-    base (adapters off) at step 1, then the base plus a dense mix of the policy's deltas B A (the exactness of the
-    mix is test_model.py's). --max-prompt-length 12 keeps the last 12 prompt tokens of every rollout."""
+    """LoRA (d), mu = 1 with beta > 0 (b: a crash in d1), --sync-ref-every 1 with LoRA (e): the reference
+    is the base (adapters off) at step 1, then the base plus a dense mix of the policy's deltas B A (the
+    exactness of the mix is test_model.py's). --max-prompt-length 12 keeps the last 12 prompt tokens of
+    every rollout."""
     out = workdir / "lora"
     grpo(start, out, "--lora-r", 4, "--num-iterations", 1, "--sync-ref-every", 1, "--max-steps", 2,
          "--eval-examples", 0, "--save-every", 0, "--max-prompt-length", 12, "--rollout-cache", "dual",
@@ -325,7 +332,8 @@ def test_lora_mu_1_with_beta_and_reference_sync(start, workdir):
                          dict(base.named_parameters()))
     adapter = C.adapter_state(tuned)
     assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapters trained
-    # the synced reference: per adapted layer a dense delta that mixes the policy's deltas, nearer them than zero
+    # the synced reference: per adapted layer a dense delta that mixes the policy's deltas, nearer them
+    # than zero
     reference = trainer_state(out)["ref_deltas"]
     policy = {name: m.delta_weight() for name, m in M.lora_modules(tuned)}
     assert reference.keys() == policy.keys() and all(reference[k].shape == policy[k].shape for k in policy)
@@ -338,14 +346,15 @@ TWO_RANKS = ["--beta", 0, "--scale-rewards", "group", "--max-steps", 2, "--save-
 
 @pytest.fixture(scope="module")
 def two_ranks(start, workdir):
-    """2 gloo ranks, one prompt (one whole group) each: the reference of the preemption and multi-node tests."""
+    """2 gloo ranks, one prompt (one whole group) each: the reference of the preemption and multi-node
+    tests."""
     out = workdir / "two_ranks"
     return out, grpo(start, out, *TWO_RANKS, nproc=2)
 
 
 def test_two_ranks_with_beta_0_and_group_scaled_rewards(two_ranks):
-    """2 gloo ranks keep the parameters identical; beta 0 skips the reference pass (c); --scale-rewards group (f)
-    runs."""
+    """2 gloo ranks keep the parameters identical; beta 0 skips the reference pass (c); --scale-rewards
+    group (f) runs."""
     out, run = two_ranks
     assert "parameters identical on all 2 ranks" in run.output
     records = check_records(out, 2)  # rank 0 alone writes
@@ -360,8 +369,8 @@ def test_identical_completions_give_zero_advantages_and_no_update(start, workdir
     advantages r - mean(group) are all zero: with beta 0 the loss has no gradient and the weights do not move.
     (Advantages left uncentred, or centred over the wrong axis, would be the positive rewards themselves.)"""
     out = workdir / "greedy"
-    grpo(start, out, "--temperature", 0, "--beta", 0, "--weight-decay", 0, "--max-steps", 1, "--eval-examples", 0,
-         "--save-every", 0)
+    grpo(start, out, "--temperature", 0, "--beta", 0, "--weight-decay", 0, "--max-steps", 1,
+         "--eval-examples", 0, "--save-every", 0)
     record = check_records(out, 1, evaluated=False)[0]
     assert record["reward"] > 0 and record["reward_std"] == 0.0 and record["zero_std_ratio"] == 1.0
     assert record["grad_norm"] == 0.0
@@ -378,7 +387,8 @@ def test_two_nodes_equal_one_node(two_ranks, start, workdir):
 
 
 # the reference synced after step 3 (6 optimiser steps at mu 2), where a checkpoint is written too
-FSDP = ["--fsdp", "--beta", 0.04, "--sync-ref-every", 6, "--save-every", 3, "--keep-checkpoints", 2, "--max-steps", 4]
+FSDP = ["--fsdp", "--beta", 0.04, "--sync-ref-every", 6, "--save-every", 3, "--keep-checkpoints", 2,
+        "--max-steps", 4]
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +399,9 @@ def fsdp_run(start, workdir):
 
 
 def test_fsdp_shards_the_reference_and_mixes_it_slice_by_slice(fsdp_run, start):
-    """Under FSDP the policy and the reference are both sharded; the reference saved at step 3 (gathered) is
-    exactly alpha policy + (1 - alpha) start, as in the unsharded run (test_full_reference_sync_mixes_the_policy_in)."""
+    """Under FSDP the policy and the reference are both sharded; the reference saved at step 3 (gathered)
+    is exactly alpha policy + (1 - alpha) start, as in the unsharded run
+    (test_full_reference_sync_mixes_the_policy_in)."""
     out, run = fsdp_run
     records = check_records(out, 4)
     assert max(r["kl"] for r in records) > 0 and all(r["first_ratio_error"] == 0.0 for r in records)
@@ -410,8 +421,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(f
     reads, every rank keeps its slice; the reference is synced after step 3) ends bitwise equal to the
     uninterrupted run."""
     out = workdir / "preempted"
-    run = run_with_sigterm("grpo.py", "--model", start, *TINY, *TWO_RANKS, *FSDP, "--out-dir", out, out_dir=out,
-                           after_step=1)
+    run = run_with_sigterm("grpo.py", "--model", start, *TINY, *TWO_RANKS, *FSDP, "--out-dir", out,
+                           out_dir=out, after_step=1)
     stopped = assert_stopped_cleanly_by_sigterm(run, out, 4)
     resumed = grpo(start, out, *TWO_RANKS, *FSDP, "--resume", nproc=2)
     assert f"at step {stopped}" in resumed.output
@@ -420,5 +431,6 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(f
 
 
 def test_missing_model_points_to_sft(tmp_path):
-    run = run_script("grpo.py", "--model", tmp_path / "no-sft-yet", "--out-dir", tmp_path / "out", expect_ok=False)
+    run = run_script("grpo.py", "--model", tmp_path / "no-sft-yet", "--out-dir", tmp_path / "out",
+                     expect_ok=False)
     assert_clean_error(run, "python sft.py", str(tmp_path / "no-sft-yet"))

@@ -46,7 +46,8 @@ def test_every_reward_and_score_survive_hostile_text(task):
             assert len(values) == 1 and math.isfinite(values[0]), (name, fn.__name__, values)
             assert low <= values[0] <= high, (name, fn.__name__, values)
         correct, total = rewards.score(task, text, **columns)
-        assert isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total, (name, correct, total)
+        assert isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total, \
+            (name, correct, total)
 
 
 def test_hostile_text_is_never_correct():

@@ -31,7 +31,8 @@ import model as M
 import sft
 
 PREFIX = "model.transformer."
-BLOCK_TENSORS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out")
+BLOCK_TENSORS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj",
+                 "ff_out")
 
 
 def random_ids(cfg, B, L, seed=0):
@@ -47,9 +48,11 @@ def llada_shapes(cfg):
     shapes = {PREFIX + "wte.weight": (e, d), PREFIX + "ln_f.weight": (d,), PREFIX + "ff_out.weight": (e, d)}
     for i in range(cfg["n_layers"]):
         b = f"{PREFIX}blocks.{i}."
-        shapes.update({b + "attn_norm.weight": (d,), b + "q_proj.weight": (d, d), b + "k_proj.weight": (kv_dim, d),
-                       b + "v_proj.weight": (kv_dim, d), b + "attn_out.weight": (d, d), b + "ff_norm.weight": (d,),
-                       b + "ff_proj.weight": (h, d), b + "up_proj.weight": (h, d), b + "ff_out.weight": (d, h)})
+        shapes.update({b + "attn_norm.weight": (d,), b + "q_proj.weight": (d, d),
+                       b + "k_proj.weight": (kv_dim, d), b + "v_proj.weight": (kv_dim, d),
+                       b + "attn_out.weight": (d, d), b + "ff_norm.weight": (d,),
+                       b + "ff_proj.weight": (h, d), b + "up_proj.weight": (h, d),
+                       b + "ff_out.weight": (d, h)})
     return shapes
 
 
@@ -99,8 +102,8 @@ def test_attention_is_bidirectional(make_model):
 def test_attention_mask_all_ones_equals_no_mask(make_model):
     model = make_model()
     ids = random_ids(model.cfg, 2, 10)
-    torch.testing.assert_close(logits_of(model, ids, attention_mask=torch.ones_like(ids)), logits_of(model, ids),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(model, ids, attention_mask=torch.ones_like(ids)),
+                               logits_of(model, ids), rtol=0, atol=1e-5)
 
 
 def test_masked_keys_do_not_influence_other_positions(make_model):
@@ -212,13 +215,15 @@ def test_sharded_checkpoint_layout_and_exact_round_trip(make_model, tokenizer, t
     # config.json: the fields LLaDA's configuration_llada.py reads
     with open(path / "config.json") as f:
         config = json.load(f)
-    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
-                "rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id", "pad_token_id", "max_sequence_length"):
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                "embedding_size", "rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id",
+                "pad_token_id", "max_sequence_length"):
         assert config[key] == getattr(cfg, key), key
     assert config["rope"] is True and config["alibi"] is False and config["weight_tying"] is False
     assert config["block_type"] == "llama" and config["activation_type"] == "silu"
     assert config["layer_norm_type"] == "rms" and config["include_bias"] is False
-    assert config["model_type"] == "llada" and config["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
+    assert (config["model_type"] == "llada"
+            and config["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM")
 
     # the index maps every tensor, under LLaDA's names, to the shard that holds it
     with open(path / "model.safetensors.index.json") as f:
@@ -278,13 +283,13 @@ def test_load_model_converts_dtype(make_model, tokenizer, tmp_path):
 
 def hand_config(**overrides):
     """A config.json in LLaDA's format, with fields model.py does not use (they must be ignored)."""
-    config = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu", "alibi": False,
-              "block_type": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "mlp_hidden_size": 40, "mlp_ratio": 4, "vocab_size": 50, "embedding_size": 64, "rope": True,
-              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "layer_norm_type": "rms", "include_bias": False,
-              "weight_tying": False, "mask_token_id": 49, "eos_token_id": 48, "pad_token_id": 48,
-              "max_sequence_length": 64, "flash_attention": False, "precision": "amp_bf16",
-              "init_device": "meta", "use_cache": False}
+    config = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
+              "alibi": False, "block_type": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4,
+              "n_kv_heads": 2, "mlp_hidden_size": 40, "mlp_ratio": 4, "vocab_size": 50, "embedding_size": 64,
+              "rope": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "layer_norm_type": "rms",
+              "include_bias": False, "weight_tying": False, "mask_token_id": 49, "eos_token_id": 48,
+              "pad_token_id": 48, "max_sequence_length": 64, "flash_attention": False,
+              "precision": "amp_bf16", "init_device": "meta", "use_cache": False}
     config.update(overrides)
     return config
 
@@ -304,7 +309,8 @@ def hand_tensors(config, seed=0, dtype=torch.bfloat16):
 
 
 def write_checkpoint(path, config, tensors, num_shards=2):
-    """config.json + num_shards safetensors files (+ index when sharded), written with safetensors directly."""
+    """config.json + num_shards safetensors files (+ index when sharded), written with safetensors
+    directly."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -424,7 +430,8 @@ def test_tensor_with_wrong_shape_names_it_and_both_shapes(tmp_path):
     with pytest.raises(ValueError) as err:
         C.load_model(str(tmp_path / "c"))
     message = str(err.value)
-    assert key in message and str(good_shape) in message and str((good_shape[0] + 8, good_shape[1])) in message
+    assert (key in message and str(good_shape) in message
+            and str((good_shape[0] + 8, good_shape[1])) in message)
 
 
 @pytest.mark.parametrize("extra", [PREFIX + "blocks.0.rotary.weight", "lm_head.weight"])
@@ -500,10 +507,11 @@ def test_encode_prompt_applies_the_chat_template(tokenizer):
     chars = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     got = data.encode_prompt(tokenizer, [{"role": "user", "content": "12"}])
     assert got == [ids_of("<|startoftext|>"), ids_of("<|user|>")] + chars("12") + [ids_of("<|assistant|>")]
-    got = data.encode_prompt(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-                          prefill="<reasoning>")
-    assert got == ([ids_of("<|startoftext|>"), ids_of("<|system|>")] + chars("s") + [ids_of("<|user|>")] + chars("q")
-                   + [ids_of("<|assistant|>")] + chars("<reasoning>"))
+    got = data.encode_prompt(tokenizer,
+                             [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                             prefill="<reasoning>")
+    assert got == ([ids_of("<|startoftext|>"), ids_of("<|system|>")] + chars("s") + [ids_of("<|user|>")]
+                   + chars("q") + [ids_of("<|assistant|>")] + chars("<reasoning>"))
 
 
 def test_saved_tokenizer_reloads_identically(tokenizer, tmp_path):
@@ -519,7 +527,8 @@ def test_saved_tokenizer_reloads_identically(tokenizer, tmp_path):
                 tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert reloaded.decode(ids) == tokenizer.decode(ids)
-        assert data.encode_prompt(reloaded, messages, "<reasoning>") == data.encode_prompt(tokenizer, messages, "<reasoning>")
+        assert (data.encode_prompt(reloaded, messages, "<reasoning>")
+                == data.encode_prompt(tokenizer, messages, "<reasoning>"))
         assert C.mask_token_id(reloaded) == C.mask_token_id(tokenizer)
         assert reloaded.eos_token_id == tokenizer.eos_token_id
         assert C.stop_token_ids(reloaded) == C.stop_token_ids(tokenizer)
@@ -608,8 +617,9 @@ def test_adapters_disabled_gives_base_logits(make_model):
 
 
 def test_lora_reference_sync_equals_a_full_weight_mix(make_model):
-    """TRL's sync, ref_W = alpha W + (1 - alpha) ref_W, applied three times to full merged weights (the slow
-    reference), gives the logits that the LoRA model gives with adapters off and its dense reference deltas on."""
+    """TRL's sync, ref_W = alpha W + (1 - alpha) ref_W, applied three times to full merged weights (the
+    slow reference), gives the logits that the LoRA model gives with adapters off and its dense reference
+    deltas on."""
     model = make_model(seed=2)
     M.add_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "up_proj"))
     ids = random_ids(model.cfg, 2, 9)
@@ -631,7 +641,8 @@ def test_lora_reference_sync_equals_a_full_weight_mix(make_model):
         torch.testing.assert_close(logits_of(model, ids), logits_of(slow, ids), rtol=0, atol=1e-5)
     assert (logits_of(model, ids) - logits_of(slow, ids)).abs().max() > 1e-3  # the policy is elsewhere
     deltas = M.reference_deltas(model)
-    assert len(deltas) == 4 * model.cfg.n_layers and deltas["blocks.0.up_proj"].shape == model.blocks[0].up_proj.weight.shape
+    assert (len(deltas) == 4 * model.cfg.n_layers
+            and deltas["blocks.0.up_proj"].shape == model.blocks[0].up_proj.weight.shape)
 
 
 def test_adapter_peft_format_reload_and_merged_export(make_model, tokenizer, tmp_path):
@@ -660,8 +671,9 @@ def test_adapter_peft_format_reload_and_merged_export(make_model, tokenizer, tmp
             expected_keys[stem + ".lora_B.weight"] = (linear.out_features, r)
     with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
         assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == expected_keys
-        torch.testing.assert_close(f.get_tensor("base_model.model.model.transformer.blocks.1.v_proj.lora_B.weight"),
-                                   model.blocks[1].v_proj.lora_B.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            f.get_tensor("base_model.model.model.transformer.blocks.1.v_proj.lora_B.weight"),
+            model.blocks[1].v_proj.lora_B.detach(), rtol=0, atol=0)
 
     loaded = C.load_model(adapter_dir).eval()
     assert torch.equal(logits_of(loaded, ids), adapted)
@@ -688,7 +700,8 @@ def test_forward_mask_never_masks_the_prompt_and_masks_at_rate_p():
     B, L, mask_id = 64, 400, 99
     input_ids = torch.randint(0, 90, (B, L), generator=torch.Generator().manual_seed(0))
     prompt_lengths = torch.randint(10, 200, (B,), generator=torch.Generator().manual_seed(1))
-    noisy, masked, p = sft.forward_mask(input_ids, prompt_lengths, mask_id, generator=torch.Generator().manual_seed(2))
+    noisy, masked, p = sft.forward_mask(input_ids, prompt_lengths, mask_id,
+                                        generator=torch.Generator().manual_seed(2))
     assert noisy.shape == masked.shape == (B, L) and p.shape == (B, 1)
     is_prompt = torch.arange(L)[None, :] < prompt_lengths[:, None]
     assert not masked[is_prompt].any()
@@ -705,7 +718,8 @@ def test_forward_mask_never_masks_the_prompt_and_masks_at_rate_p():
 def test_forward_mask_is_seeded():
     ids = torch.randint(0, 90, (8, 50), generator=torch.Generator().manual_seed(0))
     prompt_lengths = torch.full((8,), 10)
-    run = lambda seed: sft.forward_mask(ids, prompt_lengths, 99, generator=torch.Generator().manual_seed(seed))  # noqa
+    run = lambda seed: sft.forward_mask(  # noqa: E731
+        ids, prompt_lengths, 99, generator=torch.Generator().manual_seed(seed))
     a, b, c = run(5), run(5), run(6)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[1], c[1])
@@ -743,5 +757,6 @@ def test_token_logprobs_equals_log_softmax_gather(make_model):
     assert got.shape == (3, 10) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(grpo.token_logprobs(logits.bfloat16(), targets).double(),
-                               torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, targets[..., None])[..., 0],
+                               torch.log_softmax(logits.bfloat16().double(), -1)
+                               .gather(-1, targets[..., None])[..., 0],
                                rtol=0, atol=1e-5)

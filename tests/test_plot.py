@@ -30,8 +30,8 @@ def test_plot(tmp_path):
     for run in runs:
         write_metrics(run)
     output = tmp_path / "plot.png"
-    done = subprocess.run([sys.executable, "plot.py", *runs, "--output", str(output), "--smooth", "5"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "plot.py", *runs, "--output", str(output), "--smooth", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     if importlib.util.find_spec("matplotlib") is None:
         assert done.returncode != 0 and "pip install matplotlib" in done.stderr
         assert not output.exists()
@@ -45,6 +45,6 @@ def test_plot_refuses_a_file_without_grpo_records(tmp_path):
         pytest.skip("matplotlib is not installed: test_plot checks the message that says so")
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
-    done = subprocess.run([sys.executable, "plot.py", str(path), "--output", str(tmp_path / "x.png")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "plot.py", str(path), "--output", str(tmp_path / "x.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no GRPO records" in done.stderr

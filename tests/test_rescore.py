@@ -13,7 +13,8 @@ import evaluate
 
 def write_generations(path, items):
     path.write_text(json.dumps({"generations": [
-        {"question": q, "prompt_input": "<prompt>", "generations": g, "ground_truth": t} for q, g, t in items]}))
+        {"question": q, "prompt_input": "<prompt>", "generations": g, "ground_truth": t}
+        for q, g, t in items]}))
 
 
 SUDOKU_Q = "Solve the following Sudoku puzzle: 4320004330100004\n"     # 8 empty cells
@@ -57,7 +58,8 @@ def test_rescore_matches_hand_counts(results):
     assert set(rows) == set(expected)
     for setup, (task, correct, total, count, files) in expected.items():
         row = rows[setup]
-        assert (row["task"], row["correct"], row["total"], row["count"], row["files"]) == (task, correct, total, count, files)
+        assert ((row["task"], row["correct"], row["total"], row["count"], row["files"])
+                == (task, correct, total, count, files))
         assert row["accuracy"] == pytest.approx(100 * correct / total)
     table = evaluate.format_table(list(rows.values()))
     assert "50.00%" in table and "33.33%" in table and "12/24" in table

@@ -47,9 +47,11 @@ def test_resume_loads_the_newest_and_keeps_two(make_model, tokenizer, tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f"{C.CHECKPOINT_PREFIX}{s:06d}" for s in (2, 3)]
     model, optimizer = fresh(make_model)
     said = []
-    saved_rng = C.load_trainer_state(str(tmp_path / f"{C.CHECKPOINT_PREFIX}000003"))["trainer_state"]["rng"][0]
+    saved_rng = C.load_trainer_state(
+        str(tmp_path / f"{C.CHECKPOINT_PREFIX}000003"))["trainer_state"]["rng"][0]
     torch.manual_seed(999)  # resume must replace this stream by the saved one
-    step, state = C.resume(str(tmp_path), dict(ARGS, max_steps=20, resume=True), model, optimizer, 0, 1, said.append)
+    step, state = C.resume(str(tmp_path), dict(ARGS, max_steps=20, resume=True), model, optimizer, 0, 1,
+                           said.append)
     resumed_draw = torch.rand(3)
     C.set_rng_state(saved_rng)
     assert torch.equal(resumed_draw, torch.rand(3))
@@ -59,7 +61,8 @@ def test_resume_loads_the_newest_and_keeps_two(make_model, tokenizer, tmp_path):
     resumed, trained_state = optimizer.state_dict()["state"], trained_optimizer.state_dict()["state"]
     assert resumed.keys() == trained_state.keys()
     for i in trained_state:
-        assert all(torch.equal(torch.as_tensor(resumed[i][k]), torch.as_tensor(v)) for k, v in trained_state[i].items())
+        assert all(torch.equal(torch.as_tensor(resumed[i][k]), torch.as_tensor(v))
+                   for k, v in trained_state[i].items())
 
 
 def test_keep_checkpoints_one(make_model, tokenizer, tmp_path):
@@ -96,7 +99,8 @@ def test_a_resume_that_changes_the_run_is_refused_naming_each_flag(make_model, t
     message = str(refusal.value)
     assert "--num-generations 8 -> 4" in message and "--lr 0.001 -> 0.0003" in message
     assert "--max-steps" in message  # the list of what may change
-    # extending the run, moving its folder, saving more often: allowed; a flag the checkpoint predates: ignored
+    # extending the run, moving its folder, saving more often: allowed; a flag newer than the checkpoint:
+    # ignored
     allowed = dict(ARGS, max_steps=50, save_every=1, out_dir="y", resume=True, keep_checkpoints=5, new_flag=1)
     assert C.resume(str(tmp_path), allowed, *fresh(make_model), 0, 1)[0] == 2
 

@@ -27,7 +27,8 @@ def each_reward(task, completion, **columns):
 # --- GSM8K ---------------------------------------------------------------------------------------
 
 GSM8K_PERFECT = ("<reasoning>\nJanet's ducks lay 16 eggs per day. She eats 3 and bakes 4,\n"
-                 "so she sells 16 - 7 = 9 eggs at $2 each: 9 * 2 = 18.\n</reasoning>\n<answer>\n18\n</answer>\n")
+                 "so she sells 16 - 7 = 9 eggs at $2 each: 9 * 2 = 18.\n</reasoning>\n"
+                 "<answer>\n18\n</answer>\n")
 
 
 def test_gsm8k_perfect_multiline_completion_gets_d1s_maximum():
@@ -64,16 +65,18 @@ def test_gsm8k_wrong_or_missing_answer():
     assert each_reward("gsm8k", trailing, answer="18")["xml_count_reward"] < 1.0
     soft_only = "<reasoning>18</reasoning> <answer>18</answer>"
     r = each_reward("gsm8k", soft_only, answer="18")
-    assert (r["soft_format_reward"], r["strict_format_reward"], r["gsm8k_correctness_reward"]) == (1.0, 0.0, 1.0)
+    assert ((r["soft_format_reward"], r["strict_format_reward"], r["gsm8k_correctness_reward"])
+            == (1.0, 0.0, 1.0))
     assert each_reward("gsm8k", "<answer>\u00b2</answer>", answer="2")["integer_answer_reward"] == 0.0
 
 
 def test_gsm8k_eval_parsing_boxed_first_then_answer_tags():
     assert score("gsm8k", "<answer>\n42\n</answer>", answer=42.0) == (1, 1)
     assert score("gsm8k", "<answer>so it is 40 + 2 = 42</answer>", answer=42.0) == (1, 1)      # last number
-    assert score("gsm8k", "\\boxed{...} then \\boxed{$1,200} <answer>5</answer>", answer=1.0) == (1, 1)  # d1: first number
+    # d1: the first number
+    assert score("gsm8k", "\\boxed{...} then \\boxed{$1,200} <answer>5</answer>", answer=1.0) == (1, 1)
     assert score("gsm8k", "\\boxed{7}<answer>42</answer>", answer=42.0) == (0, 1)              # boxed wins
-    assert score("gsm8k", "\\boxed{\n7}<answer>42</answer>", answer=42.0) == (1, 1)            # box spans a line
+    assert score("gsm8k", "\\boxed{\n7}<answer>42</answer>", answer=42.0) == (1, 1)       # box spans a line
     assert score("gsm8k", "\\boxed{-3.0}", answer="-3") == (1, 1)
 
 
@@ -93,7 +96,8 @@ def test_math_equivalence_normalisation():
 
 
 def test_math500_rewards_and_score():
-    text = ("<reasoning>\nThe side is $8\\sqrt{3} \\cdot 2$.\n</reasoning>\n<answer>\n\\boxed{16\\sqrt{3}}\n</answer>")
+    text = ("<reasoning>\nThe side is $8\\sqrt{3} \\cdot 2$.\n</reasoning>\n"
+            "<answer>\n\\boxed{16\\sqrt{3}}\n</answer>")
     r = each_reward("math500", text, answer="16 \\sqrt{3}")
     assert r == {"math_correctness_reward": 1.0, "boxed_in_answer_reward": 1.0}
     assert total_reward("math500", text, answer="16 \\sqrt{3}") == pytest.approx(3.0)     # d1's 2.0 + 1.0
@@ -103,7 +107,8 @@ def test_math500_rewards_and_score():
     assert each_reward("math500", text, answer="So $\\boxed{16\\sqrt3}$.")["math_correctness_reward"] == 1.0
     assert score("math500", "\\frac{1}{2}", answer="0.5") == (1, 1)            # no box: the whole text
     assert score("math500", "<answer>\n\\frac{1}{2}\n</answer>", answer="0.5") == (0, 1)
-    assert score("math500", "\\boxed{ <answer>\n\\frac{1}{2}\n</answer>", answer="0.5") == (1, 1)  # unclosed box: tags
+    # an unclosed box: the tags
+    assert score("math500", "\\boxed{ <answer>\n\\frac{1}{2}\n</answer>", answer="0.5") == (1, 1)
 
 
 def d1_boxed_in_answer(prompts, completions, answer, step=None, boxed="\\boxed", **kwargs):
@@ -218,13 +223,16 @@ def test_countdown_reward_d1_values():
 
 def test_countdown_eval_parsing():
     numbers, target = [30, 100, 93], 23
-    assert score("countdown", "<answer>\n\\boxed{30 - (100 - 93)}\n</answer>", numbers=numbers, target=target) == (1, 1)
+    assert score("countdown", "<answer>\n\\boxed{30 - (100 - 93)}\n</answer>", numbers=numbers,
+                 target=target) == (1, 1)
     assert score("countdown", "\\boxed{30 - (100 - 93) = 23}", numbers=numbers, target=target) == (1, 1)
-    assert score("countdown", "<answer>30 - (100 - 93)</answer>", numbers=numbers, target=target) == (0, 1)  # no box: whole text
+    # no box: the whole text
+    assert score("countdown", "<answer>30 - (100 - 93)</answer>", numbers=numbers, target=target) == (0, 1)
     assert score("countdown", "\\boxed{93 \\div 93 + 22} no", numbers=numbers, target=target) == (0, 1)
     assert score("countdown", "\\boxed{(100 \\times 93) / 30}", numbers=numbers, target=310) == (1, 1)
     # the example LLaDA got wrong in d1's release: 55 - 53 leaves 49 unused
-    assert score("countdown", "<answer>\n\\boxed{55 - 53}\n</answer>", numbers=[49, 55, 53], target=51) == (0, 1)
+    assert score("countdown", "<answer>\n\\boxed{55 - 53}\n</answer>", numbers=[49, 55, 53],
+                 target=51) == (0, 1)
 
 
 # --- Sudoku and tiny_sudoku -------------------------------------------------------------------------
@@ -245,12 +253,17 @@ def test_sudoku_reward_fraction_of_empty_cells():
 
 
 def test_sudoku_eval_parsing_counts_cells():
-    assert score("sudoku", "<answer>\n4321124334122134\n</answer><|eot_id|>", puzzle=PUZZLE, solution=SOLUTION) == (8, 8)
-    assert score("sudoku", "<answer>\n```\n4321\n1243\n3412\n2134\n```\n</answer>", puzzle=PUZZLE, solution=SOLUTION) == (8, 8)
-    assert score("sudoku", "</answer>\n4321124334122134<|eot_id|>", puzzle=PUZZLE, solution=SOLUTION) == (8, 8)
-    assert score("sudoku", "the grid 4321124334122134 solves it", puzzle=PUZZLE, solution=SOLUTION) == (8, 8)
-    assert score("sudoku", "<answer>\n4320004330100004\n</answer>", puzzle=PUZZLE, solution=SOLUTION) == (0, 8)
-    assert score("sudoku", "<answer>4321</answer>", puzzle=PUZZLE, solution=SOLUTION) == (1, 8)  # padded with 0
+    assert score("sudoku", "<answer>\n4321124334122134\n</answer><|eot_id|>", puzzle=PUZZLE,
+                 solution=SOLUTION) == (8, 8)
+    assert score("sudoku", "<answer>\n```\n4321\n1243\n3412\n2134\n```\n</answer>", puzzle=PUZZLE,
+                 solution=SOLUTION) == (8, 8)
+    assert score("sudoku", "</answer>\n4321124334122134<|eot_id|>", puzzle=PUZZLE,
+                 solution=SOLUTION) == (8, 8)
+    assert score("sudoku", "the grid 4321124334122134 solves it", puzzle=PUZZLE,
+                 solution=SOLUTION) == (8, 8)
+    assert score("sudoku", "<answer>\n4320004330100004\n</answer>", puzzle=PUZZLE,
+                 solution=SOLUTION) == (0, 8)
+    assert score("sudoku", "<answer>4321</answer>", puzzle=PUZZLE, solution=SOLUTION) == (1, 8)  # 0-padded
     assert score("sudoku", "no grid here", puzzle=PUZZLE, solution=SOLUTION) == (0, 8)
 
 
@@ -281,7 +294,8 @@ def test_sudoku_valid_accepts_any_solution_keeping_givens():
 @pytest.mark.parametrize("task", ["gsm8k", "math500", "countdown", "sudoku", "tiny_sudoku"])
 def test_reward_interface_contract(task):
     columns = {"gsm8k": {"answer": "18"}, "math500": {"answer": "2"},
-               "countdown": {"numbers": [1, 2, 3], "target": 6}}.get(task, {"puzzle": PUZZLE, "solution": SOLUTION})
+               "countdown": {"numbers": [1, 2, 3], "target": 6}}.get(task, {"puzzle": PUZZLE,
+                                                                           "solution": SOLUTION})
     completions = [GSM8K_PERFECT, "", "<answer>1+2+3</answer>", "4321\n1243\n3412\n2134"]
     for fn, weight in reward_functions(task):
         assert isinstance(weight, float) and weight > 0

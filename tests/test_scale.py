@@ -9,7 +9,7 @@ Guards the 8B path where a CPU can show it (what a GPU run would otherwise find 
 - SFT's LM head on response positions only gives the same loss as the head on every position;
 - token_logprobs in chunks (the branch a large batch takes) equals the one-chunk result, on a padded
   vocabulary too;
-- `python checkpoint.py merge` (and its older name `python model.py merge`) keeps the base's dtype and adds
+- `python checkpoint.py merge` (and its alias `python model.py merge`) keeps the base's dtype and adds
   each delta in fp32.
 """
 
@@ -38,7 +38,8 @@ def test_full_finetuning_of_8b_is_refused_on_an_80_gib_gpu():
         M.check_full_finetuning_fits(params, 80 * 2**30)
     message = str(refusal.value)
     assert "--lora-r" in message and "--fsdp" in message and "119 GiB" in message  # 8.02e9 x 16 bytes
-    with pytest.raises(SystemExit, match="reference copy"):  # GRPO: fits only as 16 bytes, not with the reference
+    # GRPO: fits only as 16 bytes, not with the reference
+    with pytest.raises(SystemExit, match="reference copy"):
         M.check_full_finetuning_fits(params, 125 * 2**30, reference=True)
     M.check_full_finetuning_fits(params, 125 * 2**30)
     M.check_full_finetuning_fits(params, 80 * 2**30, world_size=8, fsdp=True, reference=True)  # 1/8 each
@@ -66,7 +67,8 @@ def test_init_takes_the_gpu_from_local_rank_modulo_the_visible_gpus(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.setdefault("set", device))
-    monkeypatch.setattr(ddp.dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(ddp.dist, "init_process_group",
+                        lambda backend, **kw: joined.update(backend=backend, **kw))
     rank, world, device = ddp.init()
     assert (rank, world, device) == (11, 16, torch.device("cuda", 0))
     assert joined["set"] == device and joined["backend"] == "nccl" and joined["rank"] == 11
@@ -145,10 +147,11 @@ def test_token_logprobs_in_chunks_equals_one_chunk(make_model, monkeypatch, padd
         logits = model(ids)
     assert logits.shape[-1] == model.cfg.vocab_size and logits.is_contiguous() != padded
     whole = grpo.token_logprobs(logits, targets)
-    monkeypatch.setattr(grpo, "LOGPROB_CHUNK_ELEMENTS", 2 * 6 * logits.shape[-1])
+    monkeypatch.setattr(M, "LOGPROB_CHUNK_ELEMENTS", 2 * 6 * logits.shape[-1])
     chunks = []  # the rows of each cross-entropy call: proves the chunked loop ran
-    cross_entropy = grpo.F.cross_entropy
-    monkeypatch.setattr(grpo.F, "cross_entropy", lambda x, *a, **k: chunks.append(len(x) // 6) or cross_entropy(x, *a, **k))
+    cross_entropy = M.F.cross_entropy
+    monkeypatch.setattr(M.F, "cross_entropy",
+                        lambda x, *a, **k: chunks.append(len(x) // 6) or cross_entropy(x, *a, **k))
     chunked = grpo.token_logprobs(logits, targets)
     assert chunks == [2, 2, 1]
     assert torch.equal(chunked, whole)
@@ -181,7 +184,7 @@ def test_merge_keeps_the_base_dtype_and_adds_in_fp32(make_model, tokenizer, tmp_
     assert torch.equal(merged["blocks.1.up_proj.weight"], expected)
     twice_rounded = linear.weight + linear.delta_weight().to(torch.bfloat16)
     assert not torch.equal(expected, twice_rounded)  # the test can tell the two apart
-    # the older name of the command writes the same files
+    # the alias `python model.py merge` writes the same files
     run_script("model.py", "merge", adapter_dir, str(tmp_path / "merged-again"))
     with safe_open(os.path.join(tmp_path, "merged-again", C.WEIGHTS_NAME), framework="pt") as f:
         assert torch.equal(f.get_tensor(C.to_llada_name("blocks.1.up_proj.weight")), expected)

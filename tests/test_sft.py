@@ -22,13 +22,14 @@ Guards stage 1, `sft.py` (masked SFT), run as a script on the tiny preset (in pr
 - LoRA: an adapter folder in PEFT's format that checkpoint.load_model loads on its base and that changes the
   logits; LoRA on a preset (random weights) is refused; the same run pads to --max-seq-length (--pad-to
   max-length, d1's padding), so each step trains batch x max-seq-length tokens;
-- d1's SFT sequence: data.sft_tokens on a tokenizer with LLaDA's chat template and special tokens equals d1's
-  preprocess_dataset (written here as the slow reference: the template over user + assistant, padded to
-  max_length with EOS and truncated; the prompt length from the template over the user turn plus "\n"), input ids
-  and prompt lengths both, for a short example and one longer than max_length;
-- --max-seconds stops early, its lr schedule runs over the time budget, and it still writes the final model;
-- user errors (a batch that does not split, an unknown --model, a missing dataset) exit non-zero with a message
-  and no traceback.
+- d1's SFT sequence: data.sft_tokens on a tokenizer with LLaDA's chat template and special tokens equals
+  d1's preprocess_dataset (written here as the slow reference: the template over user + assistant, padded
+  to max_length with EOS and truncated; the prompt length from the template over the user turn plus "\n"),
+  input ids and prompt lengths both, for a short example and one longer than max_length;
+- --max-seconds stops early, its lr schedule runs over the time budget, and it still writes the final
+  model;
+- user errors (a batch that does not split, an unknown --model, a missing dataset) exit non-zero with a
+  message and no traceback.
 """
 
 import json
@@ -40,15 +41,17 @@ import time
 import pytest
 import torch
 from helpers import (LLADA_LAYOUT, ROOT, RUN_TIMEOUT_S, assert_bitwise_equal, assert_clean_error,
-                     assert_stopped_cleanly_by_sigterm, checkpoints, command, expected_lr, logged_steps, max_difference,
-                     parameters, read_metrics, run_script, run_two_nodes, run_with_sigterm, script_env, tiny_checkpoint)
+                     assert_stopped_cleanly_by_sigterm, checkpoints, command, expected_lr, logged_steps,
+                     max_difference, parameters, read_metrics, run_script, run_two_nodes, run_with_sigterm,
+                     script_env, tiny_checkpoint)
 
 import checkpoint as C
 import data
 import model as M
 
 MAX_STEPS = 12  # enough steps after the first checkpoint (step 2) for a kill to land mid-run
-TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8, "--save-every", 2]
+TINY = ["--max-steps", MAX_STEPS, "--batch-size", 8, "--num-examples", 64, "--eval-examples", 8,
+        "--save-every", 2]
 RECORD_KEYS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens", "tok_per_s")
 
 
@@ -105,12 +108,14 @@ def test_run_writes_final_model_checkpoint_and_metrics(one_rank):
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
     # the default schedule's warm-up (100 steps) spans the run
-    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 2e-3, 100, MAX_STEPS, "cosine") for s in range(MAX_STEPS)])
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 2e-3, 100, MAX_STEPS, "cosine")
+                                                        for s in range(MAX_STEPS)])
     for record in records:
         for key in RECORD_KEYS:
             assert key in record, f"{key} missing from {record}"
             assert torch.isfinite(torch.tensor(float(record[key]))), record
-        assert record["loss"] > 0 and record["grad_norm"] > 0 and record["tok_per_s"] > 0 and record["dt_ms"] > 0
+        assert (record["loss"] > 0 and record["grad_norm"] > 0 and record["tok_per_s"] > 0
+                and record["dt_ms"] > 0)
     assert "eval_accuracy" in records[-1] and 0.0 <= records[-1]["eval_accuracy"] <= 1.0
     assert all("eval_accuracy" not in r for r in records[:-1])  # --eval-every 100: only the last step
 
@@ -143,7 +148,8 @@ def test_two_ranks_equal_one_rank_with_the_same_micro_batches(two_ranks, tmp_pat
     same masks: gradient averaging over ranks must give the parameters of local accumulation."""
     out, _ = two_ranks
     local = tmp_path / "one_rank_micro4"
-    run_script("sft.py", *TINY, "--micro-batch-size", 4, "--eval-examples", 0, "--save-every", 0, "--out-dir", local)
+    run_script("sft.py", *TINY, "--micro-batch-size", 4, "--eval-examples", 0, "--save-every", 0,
+               "--out-dir", local)
     assert max_difference(parameters(out), parameters(local)) <= 1e-5
 
 
@@ -167,7 +173,8 @@ def checkpoint_step(out):
 
 
 def past_a_checkpoint(out):
-    """Whether a live run has a checkpoint and has logged a step after it (False while files are in motion)."""
+    """Whether a live run has a checkpoint and has logged a step after it (False while files are in
+    motion)."""
     try:
         return bool(checkpoints(out)) and max(logged_steps(out), default=0) > checkpoint_step(out)
     except (FileNotFoundError, json.JSONDecodeError):  # a checkpoint replaced between listing and reading
@@ -255,9 +262,10 @@ def fsdp_run(tmp_path_factory):
 
 
 def test_fsdp_matches_ddp(two_ranks, fsdp_run):
-    """FSDP shards weights, gradients and AdamW state, so the arithmetic is the same as DDP's except the order of
-    a few fp32 sums: gradients are averaged by a reduce-scatter and the clipping norm sums per-rank slices, and
-    AdamW's normalised steps keep such rounding differences from growing: the bounds are rounding-sized."""
+    """FSDP shards weights, gradients and AdamW state, so the arithmetic is the same as DDP's except the
+    order of a few fp32 sums: gradients are averaged by a reduce-scatter and the clipping norm sums per-rank
+    slices, and AdamW's normalised steps keep such rounding differences from growing: the bounds are
+    rounding-sized."""
     (ddp_out, _), (out, _) = two_ranks, fsdp_run
     assert checkpoints(out) == [f"{C.CHECKPOINT_PREFIX}{s:06d}" for s in range(2, MAX_STEPS + 1, 2)]
     fsdp_loss = [r["loss"] for r in read_metrics(out)]
@@ -276,7 +284,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(f
     run = run_with_sigterm("sft.py", *TINY, *FSDP, "--out-dir", out, out_dir=out, after_step=3)
     stopped = assert_stopped_cleanly_by_sigterm(run, out, MAX_STEPS)
     resumed = run_script("sft.py", *TINY, *FSDP, "--out-dir", out, "--resume", nproc=2)
-    assert f"resumed from {out / (C.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}" in resumed.output
+    assert (f"resumed from {out / (C.CHECKPOINT_PREFIX + f'{stopped:06d}')} at step {stopped}"
+            in resumed.output)
     assert [r["step"] for r in read_metrics(out)] == list(range(1, MAX_STEPS + 1))
     assert_bitwise_equal(parameters(out), parameters(fsdp_run[0]))
 
@@ -287,12 +296,14 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_fsdp_resume_is_bitwise_exact(f
 
 def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
     out = tmp_path / "lora"
-    run_script("sft.py", "--model", tiny_base, "--lora-r", 4, "--lora-alpha", 8, "--max-steps", 3, "--batch-size", 8,
-               "--num-examples", 32, "--eval-examples", 0, "--save-every", 0, "--lr", 1e-2, "--warmup-steps", 1,
-               "--lr-schedule", "linear", "--pad-to", "max-length", "--max-seq-length", 64, "--out-dir", out)
+    run_script("sft.py", "--model", tiny_base, "--lora-r", 4, "--lora-alpha", 8, "--max-steps", 3,
+               "--batch-size", 8, "--num-examples", 32, "--eval-examples", 0, "--save-every", 0, "--lr", 1e-2,
+               "--warmup-steps", 1, "--lr-schedule", "linear", "--pad-to", "max-length",
+               "--max-seq-length", 64, "--out-dir", out)
     records = read_metrics(out)
     assert all(r["tokens"] == 8 * 64 for r in records)  # 22 prompt + 20 response tokens, 22 EOS pads
-    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 1e-2, 1, 3, "linear") for s in range(3)])
+    assert [r["lr"] for r in records] == pytest.approx([expected_lr(s, 1e-2, 1, 3, "linear")
+                                                        for s in range(3)])
     assert C.is_adapter(str(out)) and (out / "adapter_model.safetensors").is_file()
     with open(out / "adapter_config.json") as f:
         config = json.load(f)
@@ -325,7 +336,8 @@ def test_lora_writes_a_peft_adapter_that_loads_on_its_base(tiny_base, tmp_path):
 
 
 def test_lora_on_a_preset_is_refused(tmp_path):
-    run = run_script("sft.py", "--model", "tiny", "--lora-r", 4, "--out-dir", tmp_path / "out", expect_ok=False)
+    run = run_script("sft.py", "--model", "tiny", "--lora-r", 4, "--out-dir", tmp_path / "out",
+                     expect_ok=False)
     assert_clean_error(run, "--lora-r")
     assert not (tmp_path / "out").exists()
 
@@ -338,9 +350,9 @@ def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
     out = tmp_path / "timed"
     # a budget of several steps even on a loaded machine (a step takes 0.1-0.8 s here): the test reads the
     # schedule, not the clock
-    run = run_script("sft.py", "--max-steps", 1000, "--max-seconds", 4, "--batch-size", 8, "--num-examples", 64,
-                     "--lr", 1e-3, "--warmup-steps", 0, "--eval-examples", 8, "--save-every", 0, "--out-dir", out,
-                     "--max-seq-length", 30, "--overlong", "truncate")
+    run = run_script("sft.py", "--max-steps", 1000, "--max-seconds", 4, "--batch-size", 8,
+                     "--num-examples", 64, "--lr", 1e-3, "--warmup-steps", 0, "--eval-examples", 8,
+                     "--save-every", 0, "--out-dir", out, "--max-seq-length", 30, "--overlong", "truncate")
     records = read_metrics(out)
     steps = len(records)
     assert 2 <= steps < 1000
@@ -361,9 +373,11 @@ def test_max_seconds_stops_early_and_writes_the_final_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--batch-size", 6, "--micro-batch-size", 4], ["--batch-size 6", "micro-batch-size x world size", "4 x 1"]),
+    (["--batch-size", 6, "--micro-batch-size", 4],
+     ["--batch-size 6", "micro-batch-size x world size", "4 x 1"]),
     (["--model", "{tmp}/no-such-checkpoint"], ["{tmp}/no-such-checkpoint", "checkpoint folder"]),
-    (["--task", "gsm8k", "--data-dir", "{tmp}/data"], ["{tmp}/data/gsm8k_train.jsonl not found", "data.prepare"]),
+    (["--task", "gsm8k", "--data-dir", "{tmp}/data"],
+     ["{tmp}/data/gsm8k_train.jsonl not found", "data.prepare"]),
     (["--fsdp"], ["--fsdp", "torchrun"]),
 ], ids=["batch-does-not-split", "unknown-model", "missing-dataset", "fsdp-without-torchrun"])
 def test_user_errors_exit_with_a_message(tmp_path, args, fragments):
@@ -377,10 +391,11 @@ def test_user_errors_exit_with_a_message(tmp_path, args, fragments):
 
 # LLaDA-8B-Instruct's chat template (Llama 3's)
 LLADA_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ "
+    "message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 def d1_preprocess(tokenizer, question, trajectory, max_length):
@@ -404,7 +419,8 @@ def test_d1_sft_sequence_matches_d1_preprocessing():
     assert tokenizer.pad_token == tokenizer.eos_token
     max_length = 160
     for question, trajectory in [("What is 2 + 3?", "<reasoning>2 + 3 = 5</reasoning>\n<answer>5</answer>"),
-                                 ("Count to forty.", "<reasoning>" + " ".join(map(str, range(1, 41))) + "</reasoning>")]:
+                                 ("Count to forty.",
+                                  "<reasoning>" + " ".join(map(str, range(1, 41))) + "</reasoning>")]:
         example = {"prompt": [{"role": "user", "content": question}], "prefill": "", "completion": trajectory}
         expected_ids, expected_prompt_length = d1_preprocess(tokenizer, question, trajectory, max_length)
         prompt_ids, response_ids = data.sft_tokens(tokenizer, example)

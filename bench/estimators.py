@@ -1,14 +1,14 @@
 """
 grpo.py's log-likelihood estimators side by side, on a trained model and one fixed batch of rollouts.
 
-The likelihood of a masked diffusion LM is intractable; what it is trained on, and what RL on it can aim at, is
-LLaDA's evidence lower bound. The reference is that bound by Monte Carlo with many draws, in the lower-variance
-form LLaDA evaluates likelihoods with (Nie et al. 2025): of a completion's L action tokens, l ~ U{1..L} are
-masked uniformly at random, the prompt and the canvas stay visible, and
+The likelihood of a masked diffusion LM is intractable; what it is trained on, and what RL on it can aim
+at, is LLaDA's evidence lower bound. The reference is that bound by Monte Carlo with many draws, in the
+lower-variance form LLaDA evaluates likelihoods with (Nie et al. 2025): of a completion's L action tokens,
+l ~ U{1..L} are masked uniformly at random, the prompt and the canvas stay visible, and
     ELBO(o | q) = E_l [ (L / l) sum_{i masked} log p(o_i | x_l) ].
-For each estimator (grpo.py --estimator), R mask draws of the per-sequence estimate log pi(o | q), the sum over
-the action tokens, give:
-  bias     the mean over draws minus the reference, averaged over the sequences (and its mean absolute value);
+For each estimator (grpo.py --estimator), R mask draws of the per-sequence estimate log pi(o | q), the sum
+over the action tokens, give:
+  bias     the mean over draws minus the reference, averaged over sequences (and its mean absolute value);
   std      the standard deviation over draws, averaged over the sequences;
   grad var the variance of the policy gradient over draws, E||g - mean g||^2 / ||mean g||^2, for the surrogate
            sum_i A_i log pi(o_i | q) / tokens (d1's objective at its first iteration, ratio 1, beta 0);
@@ -16,8 +16,8 @@ the action tokens, give:
   ms       the time of one estimate with its backward pass (2 forward rows per sequence for coupled).
 Then the forward passes per rollout batch that grpo.py runs for each estimator x objective.
 
-    python sft.py && python estimator_stats.py           # the tiny default's SFT checkpoint, out/sft
-    python estimator_stats.py --model DIR --draws 64 --reference-draws 1024
+    python sft.py && python -m bench.estimators           # the tiny default's SFT checkpoint, out/sft
+    python -m bench.estimators --model DIR --draws 64 --reference-draws 1024
 """
 
 import argparse
@@ -28,10 +28,11 @@ import torch
 import checkpoint as C
 import data
 import grpo
+import model as M
 import rewards
-from generate import generate, left_pad, read_completions
 
-parser = argparse.ArgumentParser(description="Bias, variance and cost of grpo.py's log-likelihood estimators.")
+parser = argparse.ArgumentParser(
+    description="Bias, variance and cost of grpo.py's log-likelihood estimators.")
 parser.add_argument("--model", default="out/sft", help="a trained checkpoint folder (sft.py's --out-dir)")
 parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS, help="prompts and rewards")
 parser.add_argument("--data-dir", default="data/files", help="where downloaded datasets live")
@@ -40,8 +41,10 @@ parser.add_argument("--num-generations", type=int, default=8, help="G: completio
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (grpo.py's default)")
 parser.add_argument("--p-mask-prompt", type=float, default=0.15, help="prompt masking rate of the estimators")
 parser.add_argument("--draws", type=int, default=32, help="mask draws per estimator")
-parser.add_argument("--reference-draws", type=int, default=512, help="Monte-Carlo draws of the reference ELBO")
-parser.add_argument("--num-iterations", type=int, default=4, help="mu, for the forward-pass count (grpo.py's default)")
+parser.add_argument("--reference-draws", type=int, default=512,
+                    help="Monte-Carlo draws of the reference ELBO")
+parser.add_argument("--num-iterations", type=int, default=4,
+                    help="mu, for the forward-pass count (grpo.py's default)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient, for the forward-pass count")
 parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, rollouts and masks")
 args = parser.parse_args()
@@ -57,26 +60,18 @@ defaults = data.generation_defaults(args.task)
 gen_length = defaults["gen_length"]
 split = "rl" if args.task == "tiny_sudoku" else "train"
 prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
-examples = [prompts[i] for i in data.step_indices(0, args.prompts, len(prompts), args.seed)
-            for _ in range(args.num_generations)]
-prompt_ids, prompt_mask = left_pad([data.encode_prompt(tokenizer, e["prompt"], e["prefill"]) for e in examples],
-                                   tokenizer.eos_token_id, "cpu")
-canvas = None
-if examples[0].get("canvas") is not None:
-    canvas = torch.tensor([data.encode_canvas(tokenizer, e, gen_length, mask_id) for e in examples])
-with torch.no_grad():
-    sequences = generate(model, prompt_ids, defaults["steps"], gen_length, min(defaults["block_length"], gen_length),
-                         args.temperature, mask_id=mask_id, attention_mask=prompt_mask,
-                         generator=data.generator(args.seed, 0), canvas=canvas)
-N, prompt_length = sequences.shape[0], prompt_ids.shape[1]
+records = [prompts[i] for i in data.step_indices(0, args.prompts, len(prompts), args.seed)]
+sampler = {"steps": defaults["steps"], "gen_length": gen_length,
+           "block_length": min(defaults["block_length"], gen_length), "temperature": args.temperature,
+           "cache": "none", "threshold": None}
+sequences, attention_mask, canvas, actions, texts = grpo.rollout(
+    model, tokenizer, records, sampler, num_generations=args.num_generations, mask_id=mask_id, device="cpu",
+    noise_seed=(args.seed,))  # one batch: its noise from data.generator(seed, 0)
+N, prompt_length = sequences.shape[0], sequences.shape[1] - gen_length
 targets = sequences[:, prompt_length:]
-actions, texts = read_completions(tokenizer, targets, canvas, mask_id)  # as grpo.py reads its rollouts
 is_prompt = grpo.conditioning_mask(sequences, prompt_length, canvas, mask_id)
-attention_mask = None if prompt_mask is None else torch.cat([prompt_mask, torch.ones_like(targets)], dim=1)
-columns = {key: [e[key] for e in examples] for key in data.record_columns(examples[0])}
-reward = sum(w * torch.tensor(fn(texts, **columns), dtype=torch.float32) for fn, w in rewards.reward_functions(args.task))
-grouped = reward.view(-1, args.num_generations)
-advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (N,)
+reward, _ = grpo.score_completions(rewards.reward_functions(args.task), texts, records, args.num_generations)
+advantages = grpo.group_advantages(reward, args.num_generations).reshape(-1)  # (N,)
 print(f"{N} rollouts ({args.prompts} prompts x G={args.num_generations}) from {args.model}: mean reward "
       f"{reward.mean():.3f}, {actions.sum(dim=1).float().mean():.1f} action tokens per completion")
 
@@ -85,12 +80,10 @@ print(f"{N} rollouts ({args.prompts} prompts x G={args.num_generations}) from {a
 
 
 def estimate(estimator, seed):
-    g = torch.Generator().manual_seed(seed)
-    if estimator == "d1":
-        perturbed = grpo.estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
-        return grpo.token_logprobs(model(perturbed, attention_mask, slice(prompt_length, None)), targets)
-    inputs, weights = grpo.coupled_estimator_input(sequences, is_prompt, args.p_mask_prompt, mask_id, g)
-    return grpo.coupled_logprobs(model, inputs, weights, sequences, attention_mask, prompt_length)
+    make_input, logprobs, _ = grpo.ESTIMATORS[estimator]
+    estimated = make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
+                           torch.Generator().manual_seed(seed))
+    return logprobs(model, estimated, slice(None), sequences, attention_mask, prompt_length)
 
 
 def reference(seed):
@@ -103,7 +96,7 @@ def reference(seed):
     masked = actions & (order < num_masked)
     noisy = sequences.clone()
     noisy[:, prompt_length:] = torch.where(masked, mask_id, targets)
-    logp = grpo.token_logprobs(model(noisy, attention_mask, slice(prompt_length, None)), targets)
+    logp = M.token_logprobs(model(noisy, attention_mask, slice(prompt_length, None)), targets)
     return logp * masked * (num_actions / num_masked)
 
 
@@ -125,16 +118,18 @@ with torch.no_grad():
     reference_draws = torch.stack([sequence_logp(reference(10**6 + r)) for r in range(args.reference_draws)])
 reference_logp = reference_draws.mean(dim=0)  # (N,)
 reference_error = (reference_draws.std(dim=0) / args.reference_draws ** 0.5).mean().item()
-halves = [torch.stack([gradient(reference(2 * 10**6 + r)) for r in range(h, args.reference_draws // 4, 2)]).mean(dim=0)
-          for h in range(2)]  # the reference gradient from a quarter of the draws, in two independent halves
+# the reference gradient from a quarter of the draws, in two independent halves
+halves = [torch.stack([gradient(reference(2 * 10**6 + r))
+                       for r in range(h, args.reference_draws // 4, 2)]).mean(dim=0)
+          for h in range(2)]
 reference_gradient = (halves[0] + halves[1]) / 2
 cosine = torch.nn.functional.cosine_similarity
-print(f"reference ELBO: {args.reference_draws} draws, mean log-likelihood {reference_logp.mean():.3f}, standard "
-      f"error {reference_error:.4f} per sequence; its gradient from {args.reference_draws // 4} draws, cosine between "
-      f"halves {cosine(halves[0], halves[1], dim=0):.3f}")
+print(f"reference ELBO: {args.reference_draws} draws, mean log-likelihood {reference_logp.mean():.3f}, "
+      f"standard error {reference_error:.4f} per sequence; its gradient from {args.reference_draws // 4} "
+      f"draws, cosine between halves {cosine(halves[0], halves[1], dim=0):.3f}")
 
 rows = []
-for estimator in ("d1", "coupled"):
+for estimator in grpo.ESTIMATORS:
     values, grads, seconds = [], [], 0.0
     for r in range(args.draws):
         t0 = time.time()
@@ -145,20 +140,25 @@ for estimator in ("d1", "coupled"):
     values, grads = torch.stack(values), torch.stack(grads)  # (R, N), (R, P)
     bias = values.mean(dim=0) - reference_logp
     mean_gradient = grads.mean(dim=0)
-    rows.append([estimator, f"{bias.mean():+.3f}", f"{bias.abs().mean():.3f}", f"{values.std(dim=0).mean():.3f}",
+    rows.append([estimator, f"{bias.mean():+.3f}", f"{bias.abs().mean():.3f}",
+                 f"{values.std(dim=0).mean():.3f}",
                  f"{(grads - mean_gradient).pow(2).sum(dim=1).mean() / mean_gradient.pow(2).sum():.3f}",
-                 f"{cosine(mean_gradient, reference_gradient, dim=0):.3f}", f"{1000 * seconds / args.draws:.0f}"])
+                 f"{cosine(mean_gradient, reference_gradient, dim=0):.3f}",
+                 f"{1000 * seconds / args.draws:.0f}"])
 
 header = ["estimator", "bias", "|bias|", "std", "grad var", "cos", "ms"]
-print(f"\nper-sequence log-likelihood against the reference ELBO, {args.draws} mask draws, p_mask_prompt {args.p_mask_prompt}")
+print(f"\nper-sequence log-likelihood against the reference ELBO, {args.draws} mask draws, "
+      f"p_mask_prompt {args.p_mask_prompt}")
 print(" | ".join(f"{h:>9}" for h in header))
 for row in rows:
     print(" | ".join(f"{v:>9}" for v in row))
 
 mu, reference_passes = args.num_iterations, args.num_iterations if args.beta > 0 else 0
 old_passes = mu if mu > 1 else 0
-print(f"\nforward passes over the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}): old, reference and "
-      "current for grpo, the current alone for wd1; coupled reads two passes where d1 reads one")
-for estimator, passes in (("d1", 1), ("coupled", 2)):
-    print(f"  {estimator:>7} + grpo: {passes * (old_passes + reference_passes + mu):3d} ({passes * mu} with backward)"
-          f" | {estimator:>7} + wd1: {passes * mu:3d} ({passes * mu} with backward)")
+print(f"\nforward passes over the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}): "
+      "old, reference and current for grpo, the current alone for wd1; "
+      "coupled reads two passes where d1 reads one")
+for estimator, (_, _, passes) in grpo.ESTIMATORS.items():
+    print(f"  {estimator:>7} + grpo: {passes * (old_passes + reference_passes + mu):3d} "
+          f"({passes * mu} with backward) | {estimator:>7} + wd1: {passes * mu:3d} "
+          f"({passes * mu} with backward)")
