@@ -168,19 +168,20 @@ def assert_parameters_identical(module):
 # backward pass (so all_reduce_gradients, broadcast_parameters and assert_parameters_identical skip them).
 
 
-def shard_model(model, device):
+def shard_model(model, device, mesh=None):
     """fully_shard each block, then the root (embedding, final norm, LM head). On GPUs the gathered weights
-    are bf16 and gradients are reduced in fp32, as autocast would compute them."""
+    are bf16 and gradients are reduced in fp32, as autocast would compute them. mesh: the ranks to shard
+    over (default: the whole world)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy()
     if torch.device(device).type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     # the root too is sharded again after each forward (FSDP's default keeps it gathered for the backward),
     # so that the weights are always slices between steps (GRPO mixes the policy into the reference slice
     # by slice) and the gathered embedding and head do not sit in memory during rollouts
-    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 

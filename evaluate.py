@@ -32,6 +32,7 @@ from tqdm import tqdm
 import checkpoint as C
 import data
 import ddp
+import dryrun
 import model as M
 import rewards
 from generate import CACHE_MODES, forward_passes_per_token, generate_records
@@ -252,6 +253,29 @@ def write_generations(path, examples, result, tokenizer, settings):
     os.replace(tmp, path)
 
 
+def dry_run(args, settings):
+    """--dry-run: one sampler call at the evaluation's batch size, on fake tensors at the first --model's
+    shape (its config.json alone), with bf16 weights under --autocast-dtype as on a GPU. Prints each phase's
+    peak memory, FLOPs and H100 time; returns the exit status."""
+    path = args.model[0]
+    if C.is_adapter(path):
+        return "--dry-run reads a full checkpoint folder's config.json; merge the adapter first"
+    tokenizer, config = C.load_tokenizer(path), C.read_config(path)
+    B, P = settings["batch_size"], args.dry_run_prompt_tokens
+    records = dryrun.synthetic_prompts(tokenizer, B, P)
+    sampler = {key: settings[key] for key in ("steps", "gen_length", "block_length", "cache", "threshold")}
+    with dryrun.session() as run, dryrun.cuda_like_autocast(getattr(torch, args.autocast_dtype)):
+        model = dryrun.build_model(config, torch.bfloat16)
+
+        def sample():
+            generate_records(model, tokenizer, records, {**sampler, "temperature": 0.0}, device="cpu",
+                             mask_id=C.mask_token_id(tokenizer), max_prompt_length=P, add_special_tokens=True)
+
+        notes = [f"one rank's sampler call: {B} prompts of {P} tokens"]
+        notes += dryrun.sample_one_block(run, model, sample, sampler, prompt_length=P, name="evaluation")
+    return dryrun.finish(run, args.dry_run_gpu_memory, notes)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -283,6 +307,7 @@ if __name__ == "__main__":
     parser.add_argument("--rescore", nargs="+", metavar="PATH",
                         help="score generation files (or folders of *_generations.json) instead of "
                              "generating")
+    dryrun.add_flags(parser, world_size=False)
     args = parser.parse_args()
     if args.rescore:
         try:
@@ -306,6 +331,8 @@ if __name__ == "__main__":
                 "block_length": args.block_length or min(defaults["block_length"], gen_length),
                 "batch_size": args.batch_size or defaults["batch_size"], "cache": args.cache,
                 "threshold": args.threshold}
+    if args.dry_run:  # one sampler call on fake tensors at the checkpoint's shape, then stop
+        raise SystemExit(dry_run(args, settings))
     try:
         examples = data.test_examples(args.task, args.data_dir, args.limit)
     except (FileNotFoundError, ValueError) as err:  # a bad or missing test file: the message says what to do

@@ -102,6 +102,59 @@ def commit_most_confident(block, x0, confidence, k):
     return torch.where(commit, x0, block)
 
 
+SAMPLER_CHUNK_ELEMENTS = 2**27  # float64 numbers (1 GiB) of the samplers' work on the logits at a time
+
+
+def float64_chunks(logits, mask_id, index=None):
+    """The rows logits[index] (every row when index is None) of logits (N, V), in float64 chunks of at most
+    SAMPLER_CHUNK_ELEMENTS numbers (at least one row), [MASK] at -inf: yields (span, chunk), span a slice of
+    the selected rows and chunk their (span, V) logits. Every operation of the samplers on a chunk is row by
+    row, so the tokens do not depend on the chunking; at evaluation's batch 64 x block 32 x 126k vocabulary
+    one float64 copy of all the rows would be 1.9 GiB."""
+    n = len(logits) if index is None else len(index)
+    step = max(1, SAMPLER_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for start in range(0, n, step):
+        span = slice(start, start + step)
+        chunk = (logits[span] if index is None else logits[index[span]]).double()
+        chunk[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
+        yield span, chunk
+
+
+def sample_chunks(logits, mask_id, index, scored, draw):
+    """x0 (N,) of the rows logits[index] (all rows when index is None) of logits (N_all, V), drawn chunk by
+    float64 chunk by draw(span, chunk) -> tokens, and when scored their probability softmax(logits)[x0] (N,)
+    (else None)."""
+    n = len(logits) if index is None else len(index)
+    sampled = torch.empty(n, dtype=torch.long, device=logits.device)
+    probability = torch.empty(n, dtype=torch.float64, device=logits.device) if scored else None
+    for span, chunk in float64_chunks(logits, mask_id, index):  # (span, V) float64
+        sampled[span] = draw(span, chunk)
+        if scored:
+            probability[span] = F.softmax(chunk, dim=-1).gather(-1, sampled[span, None]).squeeze(-1)
+    return sampled, probability
+
+
+def gumbel_max_step(logits, masked, mask_id, temperature, generator, scored):
+    """One step of LLaDA's sampler on logits (B, block_length, V) at its masked positions (B, block_length):
+    x0 = argmax(logits + temperature * Gumbel) and, when scored, its probability softmax(logits)[x0], both
+    (N,) over the N masked positions (None when not scored). The noise is drawn for every position of the
+    block at once, as d1 draws it (the same tokens); the rest of the float64 work runs in chunks of rows."""
+    B, block_length, V = logits.shape
+    logits = logits.flatten(0, 1)  # (B * block_length, V)
+    index = masked.flatten().nonzero().squeeze(1)  # (N,) the masked positions, in logits[masked]'s order
+    if temperature > 0:
+        u = torch.rand((B, block_length, V), dtype=torch.float64, device=logits.device,
+                       generator=generator).flatten(0, 1)  # (B * block_length, V)
+
+    def draw(span, chunk):
+        if temperature == 0:
+            return chunk.argmax(dim=-1)
+        gumbel = -torch.log(-torch.log(u[index[span]].clamp_min(1e-300)))
+        return (chunk + temperature * gumbel).argmax(dim=-1)
+
+    return sample_chunks(logits, mask_id, index, scored, draw)
+
+
 @torch.no_grad()
 def llada_generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
                    remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None,
@@ -125,20 +178,14 @@ def llada_generate(model, prompt_ids, steps, gen_length, block_length, temperatu
             logits = model(inputs, attention_mask, slice(start, end))  # (B or 2B, block_length, V)
             if cfg_scale > 0:
                 logits = guided(logits, cfg_scale)
-            logits = logits[masked].double()  # (masked positions, V): only those are sampled and scored
-            logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
-            if temperature == 0:
-                sampled = logits.argmax(dim=-1)
-            else:  # Gumbel-max, the noise drawn for every row and position as d1 draws it (the same tokens)
-                u = torch.rand((B, block_length, logits.shape[-1]), dtype=torch.float64, device=x.device,
-                               generator=generator)[masked]
-                gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-                sampled = (logits + temperature * gumbel).argmax(dim=-1)
+            # only the masked positions are sampled and scored (the sampled token's probability)
+            sampled, probability = gumbel_max_step(logits, masked, mask_id, temperature, generator,
+                                                   remasking == "low_confidence")
             x0 = torch.zeros_like(masked, dtype=torch.long)  # (B, block_length); unmasked ones never commit
             x0[masked] = sampled
-            if remasking == "low_confidence":  # the sampled token's probability
+            if remasking == "low_confidence":
                 confidence = torch.full(masked.shape, -torch.inf, dtype=torch.float64, device=x.device)
-                confidence[masked] = F.softmax(logits, dim=-1).gather(-1, sampled[:, None]).squeeze(-1)
+                confidence[masked] = probability
             else:
                 confidence = torch.rand((B, block_length), dtype=torch.float64, device=x.device,
                                         generator=generator)
@@ -157,6 +204,23 @@ def inverse_cdf_sample(probs, u):
     token); never a zero-probability token (u > 0), never past the last token (u <= 1)."""
     cdf = probs.cumsum(dim=-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+
+
+def inverse_cdf_step(logits, mask_id, temperature, generator, scored):
+    """One step of the fast sampler on logits (N, V) of still-masked positions: x0 drawn from
+    softmax(logits / temperature) with one uniform number per position (inverse CDF; argmax at temperature 0)
+    and, when scored, its probability softmax(logits)[x0], both (N,) (None when not scored), the float64
+    work in chunks of rows. The same distribution as Gumbel-max, from one number per position, u in (0, 1]."""
+    if temperature > 0:
+        u = 1 - torch.rand((len(logits), 1), dtype=torch.float64, device=logits.device,
+                           generator=generator)  # (N, 1), drawn for all the rows at once
+
+    def draw(span, chunk):
+        if temperature == 0:
+            return chunk.argmax(dim=-1)
+        return inverse_cdf_sample(F.softmax(chunk / temperature, dim=-1), u[span])
+
+    return sample_chunks(logits, mask_id, None, scored, draw)
 
 
 @torch.no_grad()
@@ -204,24 +268,19 @@ def fast_generate(model, prompt_ids, steps, gen_length, block_length, temperatur
             else:
                 if len(both) < len(cached_rows):  # rows whose block is done leave the cache
                     keep = torch.isin(cached_rows, both)
-                    past_kv = [(keys[keep], values[keep]) for keys, values in past_kv]
+                    for layer in range(len(past_kv)):  # in place: one layer held twice at most
+                        past_kv[layer] = tuple(cached[keep] for cached in past_kv[layer])
                     cached_rows = both
                 logits = model(inputs, mask_rows, positions, past_kv=past_kv, queries=queries)
             if cfg_scale > 0:
-                logits = guided(logits, cfg_scale)
-            logits = logits.double()  # (masked positions of the rows, V)
-            logits[:, mask_id] = -torch.inf  # never commit [MASK]: the position would stay masked for good
-            if temperature == 0:
-                sampled = logits.argmax(dim=-1)
-            else:  # the same distribution as Gumbel-max from one uniform number per position, u in (0, 1]
-                u = 1 - torch.rand((len(logits), 1), dtype=torch.float64, device=x.device,
-                                   generator=generator)
-                sampled = inverse_cdf_sample(F.softmax(logits / temperature, dim=-1), u)
+                logits = guided(logits, cfg_scale)  # (masked positions of the rows, V)
+            sampled, probability = inverse_cdf_step(logits, mask_id, temperature, generator,
+                                                    remasking == "low_confidence")
             x0 = torch.zeros_like(masked, dtype=torch.long)  # (rows, block_length); unmasked never commit
             x0[masked] = sampled
             if remasking == "low_confidence":
                 confidence = torch.full(masked.shape, -torch.inf, dtype=torch.float64, device=x.device)
-                confidence[masked] = F.softmax(logits, dim=-1).gather(-1, sampled[:, None]).squeeze(-1)
+                confidence[masked] = probability
             else:  # drawn for every row, as LLaDA's sampler draws it
                 confidence = torch.rand((B, block_length), dtype=torch.float64, device=x.device,
                                         generator=generator)[rows]

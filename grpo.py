@@ -50,6 +50,7 @@ from tqdm import tqdm
 import checkpoint as C
 import data
 import ddp
+import dryrun
 import model as M
 import objectives
 import rewards
@@ -234,18 +235,12 @@ def learning_rate(optimizer_step, peak, schedule, warmup_steps, total_steps):
     return peak * {"constant": 1.0, "linear": 1 - progress, "cosine": cosine}[schedule]
 
 
-def update(model, optimizer, trainable, estimator, estimates, batch, micro_batches, learning_rates, *,
-           ref_model=None, objective="grpo", epsilon=0.5, epsilon_high=0.5, beta=0.0, max_grad_norm=0.0,
-           first_step=0, sync_ref_every=0, ref_mix_alpha=0.6, device="cpu"):
-    """Steps 5 and 6 on one rollout batch. First, without grad and with dropout off, the old log-probs of each
-    estimate (mu > 1; mu = 1: the ratio is 1) and the reference's (beta > 0). Then one optimiser step per
-    estimate k, accumulating the loss of every micro-batch, its gradients averaged over the ranks and
-    clipped; with sync_ref_every > 0 the reference is mixed after each optimiser step first_step + k + 1 that
-    it divides. estimator: an entry of ESTIMATORS; estimates: its inputs, one per inner iteration; batch: the
-    rollout's sequences, attention_mask, prompt_length, completion_mask, advantages (N, 1), num_generations,
-    and a ratio-free objective's per-sequence weights; learning_rates[k]: step k's lr. Returns the metrics,
-    averaged over the steps, and the forward passes the update ran over the batch."""
-    _, logprobs, passes = estimator
+def old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch, micro_batches, *,
+                               objective="grpo", beta=0.0, device="cpu"):
+    """Step 5, once per rollout batch, without grad and with dropout off: the old policy's per-token log-probs
+    of each estimate (mu > 1; with mu = 1 the ratio is 1) and the reference's (beta > 0), each a list of
+    (N, T) or None. logprobs: an estimator's (ESTIMATORS); batch: the rollout's sequences, attention_mask and
+    prompt_length."""
     model.eval()  # dropout off for every log-prob that enters a ratio
     reading = (micro_batches, batch["sequences"], batch["attention_mask"], batch["prompt_length"], device)
     old_logps = ref_logps = None
@@ -254,6 +249,18 @@ def update(model, optimizer, trainable, estimator, estimates, batch, micro_batch
     if beta > 0:
         with reference_policy(model, ref_model) as ref:
             ref_logps = [policy_logprobs(ref, logprobs, e, *reading) for e in estimates]
+    return old_logps, ref_logps
+
+
+def update(model, optimizer, trainable, logprobs, estimates, batch, micro_batches, learning_rates, *,
+           old_logps=None, ref_logps=None, ref_model=None, objective="grpo", epsilon=0.5, epsilon_high=0.5,
+           beta=0.0, max_grad_norm=0.0, first_step=0, sync_ref_every=0, ref_mix_alpha=0.6, device="cpu"):
+    """Step 6 on one rollout batch: one optimiser step per estimate k (mu of them), each accumulating the loss
+    of every micro-batch, its gradients averaged over the ranks and clipped; with sync_ref_every > 0 the
+    reference is mixed after each optimiser step first_step + k + 1 that it divides. batch: the rollout's
+    sequences, attention_mask, prompt_length, completion_mask, advantages (N, 1), num_generations, and a
+    ratio-free objective's per-sequence weights; old_logps / ref_logps: step 5's; learning_rates[k]: step k's
+    lr. Returns the metrics, averaged over the steps."""
     stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_d1": 0.0, "grad_norm": 0.0,
              "first_ratio_error": 0.0}
     mu, mask = len(estimates), batch["completion_mask"].float()
@@ -288,8 +295,80 @@ def update(model, optimizer, trainable, estimator, estimates, batch, micro_batch
         optimizer.zero_grad(set_to_none=True)
         if sync_ref_every > 0 and (first_step + k + 1) % sync_ref_every == 0:
             sync_reference(model, ref_model, ref_mix_alpha)  # the next rollout batch's reference sees it
-    stats["update_forward_passes"] = (len(old_logps or []) + len(ref_logps or []) + mu) * passes
     return stats
+
+
+# -----------------------------------------------------------------------------
+# The dry run: the first step on fake tensors (dryrun.py), before a GPU is spent on it
+
+
+def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_size):
+    """--dry-run: one rank's first step of this command (a rollout batch, its old and reference log-probs, one
+    of the mu updates and its optimiser step) on fake tensors at the checkpoint's shape, read from its
+    config.json alone, in the dtypes and autocast of a CUDA run. Prints each phase's peak memory, FLOPs and
+    H100 time; returns the exit status."""
+    if C.is_adapter(args.model):
+        return "--dry-run starts from a full checkpoint folder (its config.json); merge the adapter first"
+    tokenizer, config = C.load_tokenizer(args.model), C.read_config(args.model)
+    mask_id, lora, G = C.mask_token_id(tokenizer), args.lora_r > 0, args.num_generations
+    make_input, logprobs, _ = ESTIMATORS[args.estimator]
+    N, P = prompts_per_rank * G, args.max_prompt_length or args.dry_run_prompt_tokens
+    records = dryrun.synthetic_prompts(tokenizer, prompts_per_rank, P)
+    notes = [f"one rank: {N} rollouts ({prompts_per_rank} prompts x G {G}) of prompts of {P} tokens",
+             "every completion position an action (no EOS): the longest completion mask",
+             f"old and reference log-probs, the update and its optimiser step: one of mu "
+             f"{args.num_iterations}, FLOPs and time x mu"]
+    world = dryrun.fake_world(world_size) if args.fsdp else contextlib.nullcontext()
+    with world as mesh, dryrun.session() as run, dryrun.cuda_like_autocast():
+        model = dryrun.build_model(config, torch.bfloat16 if lora else torch.float32)
+        if lora:
+            M.add_lora(model, args.lora_r, args.lora_alpha, 0.0, tuple(args.lora_targets.split(",")))
+        model.gradient_checkpointing = args.grad_checkpointing
+        ref_model = None  # full fine-tuning's frozen copy: the same shape
+        if args.beta > 0 and not lora:
+            ref_model = dryrun.build_model(config, torch.float32).requires_grad_(False)
+        for m in (model, ref_model) if args.fsdp else ():  # one rank's slices, gathered as a GPU's (bf16)
+            if m is not None:
+                ddp.shard_model(m, "cuda", mesh)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2),
+                                      weight_decay=args.weight_decay, foreach=True)  # CUDA's default
+
+        def optimiser_step(*_):  # the update's phase ends where the optimiser's begins
+            run.end()
+            run.begin("optimiser step", repeat=args.num_iterations)
+
+        optimizer.register_step_pre_hook(optimiser_step)
+
+        def sample():
+            with ddp.unsharded(model):  # FSDP: the weights gathered for the whole rollout, as in a run
+                rollout(model, tokenizer, records, sampler, num_generations=G, mask_id=mask_id, device="cpu",
+                        max_prompt_length=P, batch_size=args.generation_batch_size,
+                        noise_seed=(args.seed, 0, 0))
+
+        notes += dryrun.sample_one_block(run, model, sample, sampler, prompt_length=P, name="rollout")
+        sequences = torch.full((N, P + sampler["gen_length"]), mask_id)
+        batch = {"sequences": sequences, "attention_mask": None, "prompt_length": P, "num_generations": G,
+                 "completion_mask": torch.ones(N, sampler["gen_length"], dtype=torch.bool),
+                 "advantages": torch.zeros(N, 1), "weights": torch.zeros(N, 1)}
+        is_prompt = conditioning_mask(sequences, P, None, mask_id)
+        estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
+                                data.generator(args.seed, 0, k)) for k in range(args.num_iterations)]
+        reading = (micro_batches, sequences, None, P, "cpu")
+        with run.phase("old and reference log-probs", repeat=args.num_iterations):  # of one estimate
+            old_logps = ([policy_logprobs(model, logprobs, estimates[0], *reading)]
+                         if args.num_iterations > 1 and args.objective == "grpo" else None)
+            ref_logps = None
+            if args.beta > 0:
+                with reference_policy(model, ref_model) as ref:
+                    ref_logps = [policy_logprobs(ref, logprobs, estimates[0], *reading)]
+        run.begin("update: one of mu steps", repeat=args.num_iterations)
+        update(model, optimizer, trainable, logprobs, estimates[:1], batch, micro_batches, [args.lr],
+               old_logps=old_logps, ref_logps=ref_logps,
+               ref_model=ref_model, objective=args.objective, epsilon=args.epsilon, epsilon_high=epsilon_high,
+               beta=args.beta, max_grad_norm=args.max_grad_norm, device="cpu")
+        run.end()
+    return dryrun.finish(run, args.dry_run_gpu_memory, notes)
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +432,7 @@ if __name__ == "__main__":
     # Evaluation, logging, checkpoints (where the run writes, how often, and --resume: checkpoint.py)
     C.add_run_flags(parser, out_dir="out/grpo", eval_every=50, save_every=50)
     add("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
+    dryrun.add_flags(parser)
     args = parser.parse_args()
     ratio_free = args.objective != "grpo"
     if ratio_free:  # no ratio to clip, no KL term, no reference policy: their flags would do nothing
@@ -384,6 +464,8 @@ if __name__ == "__main__":
     # Distributed init and the batch arithmetic
 
     rank, world_size, device = ddp.init()
+    if args.dry_run and args.dry_run_world_size:  # dry-run one rank of that world: its share of the batch
+        world_size = args.dry_run_world_size
     torch.manual_seed(args.seed)  # nothing draws from the global RNG: rollouts and masks use generators
     if args.prompts_per_step % world_size != 0:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size "
@@ -402,7 +484,7 @@ if __name__ == "__main__":
                "temperature": args.temperature, "cache": args.rollout_cache,
                "threshold": args.rollout_threshold}
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    estimator = ESTIMATORS[args.estimator]
+    make_input, logprobs, passes = ESTIMATORS[args.estimator]
     ddp.print0(f"args: {json.dumps(vars(args))}")
     ddp.print0(f"world {world_size} | {args.prompts_per_step} prompts x G={args.num_generations} per step = "
                f"{prompts_per_rank} prompts ({rollouts_per_rank} rollouts) per rank | micro-batch {micro} x "
@@ -414,6 +496,8 @@ if __name__ == "__main__":
     if not os.path.isdir(args.model):
         raise SystemExit(f"--model {args.model!r} is not a folder. The tiny default starts from the SFT "
                          "checkpoint: run `python sft.py` first (it writes out/sft), or pass --model DIR.")
+    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
+        raise SystemExit(dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_size))
     lora = C.is_adapter(args.model) or args.lora_r > 0
     if args.fsdp and (lora or world_size == 1):
         raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r "
@@ -515,17 +599,22 @@ if __name__ == "__main__":
         is_prompt = conditioning_mask(sequences, prompt_length, canvas, mask_id)
         seeds = [(args.seed, step, k) if args.random_masking else (args.seed,)
                  for k in range(args.num_iterations)]
-        estimates = [estimator[0](sequences, is_prompt, args.p_mask_prompt, mask_id, data.generator(*s))
+        estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id, data.generator(*s))
                      for s in seeds]
-        # 5-6. old and reference log-probs, then mu optimiser steps, step k on estimate k
+        # 5. old and reference log-probs of every estimate, once
+        old_logps, ref_logps = old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch,
+                                                          micro_batches, objective=args.objective,
+                                                          beta=args.beta, device=device)
+        # 6. mu optimiser steps, step k on estimate k
         first_step = step * args.num_iterations
         lrs = [learning_rate(first_step + k, args.lr, args.lr_schedule, warmup_steps,
                              args.max_steps * args.num_iterations) for k in range(args.num_iterations)]
-        stats = update(model, optimizer, trainable, estimator, estimates, batch, micro_batches, lrs,
-                       ref_model=ref_model, objective=args.objective, epsilon=args.epsilon,
-                       epsilon_high=epsilon_high, beta=args.beta, max_grad_norm=args.max_grad_norm,
-                       first_step=first_step, sync_ref_every=args.sync_ref_every,
-                       ref_mix_alpha=args.ref_mix_alpha, device=device)
+        stats = update(model, optimizer, trainable, logprobs, estimates, batch, micro_batches, lrs,
+                       old_logps=old_logps, ref_logps=ref_logps, ref_model=ref_model,
+                       objective=args.objective, epsilon=args.epsilon, epsilon_high=epsilon_high,
+                       beta=args.beta, max_grad_norm=args.max_grad_norm, first_step=first_step,
+                       sync_ref_every=args.sync_ref_every, ref_mix_alpha=args.ref_mix_alpha, device=device)
+        stats["update_forward_passes"] = (len(old_logps or []) + len(ref_logps or []) + len(lrs)) * passes
         t_update, dt = time.time() - t1, time.time() - t0
 
         # metrics, all-reduced over ranks; evaluation; one line; checkpoints and a SIGTERM stop

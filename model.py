@@ -177,7 +177,7 @@ class Block(nn.Module):
             (q0, q1), (past_k, past_v) = queries, past_kv
             k = torch.cat([past_k[:, :, :q0], k, past_k[:, :, q1:]], dim=2)  # (B, n_kv_heads, L_all, D)
             v = torch.cat([past_v[:, :, :q0], v, past_v[:, :, q1:]], dim=2)
-        kv = (k, v)
+        kv = (k, v) if return_kv else None  # held needlessly, it would outlive the grouped-query copies
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -185,7 +185,10 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
-        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        if torch.is_grad_enabled():
+            x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        else:  # in place: one (B, L, mlp_hidden_size) tensor less at the sampler's peak, the same numbers
+            x = x + self.ff_out(F.silu(self.ff_proj(h), inplace=True).mul_(self.up_proj(h)))
         return (x, kv) if return_kv else x
 
 
@@ -257,14 +260,17 @@ class LLaDA(nn.Module):
                 positions = slice(p0 - q0, p1 - q0, p_step) if p1 > p0 else slice(0, 0)
             x = self.wte(input_ids[:, q0:q1])
             cos, sin = cos[q0:q1], sin[q0:q1]
-            kv = []
         else:
             x = self.wte(input_ids)
+        kv = [] if return_kv else None  # only when asked: with past_kv it would hold the cache twice
         for i, block in enumerate(self.blocks):
             if caching:
-                x, layer_kv = block(x, cos, sin, attn_mask, None if past_kv is None else past_kv[i], (q0, q1),
-                                    return_kv=True)
-                kv.append(layer_kv)
+                layer_past = None if past_kv is None else past_kv[i]
+                if return_kv:
+                    x, layer_kv = block(x, cos, sin, attn_mask, layer_past, (q0, q1), return_kv=True)
+                    kv.append(layer_kv)
+                else:
+                    x = block(x, cos, sin, attn_mask, layer_past, (q0, q1))
             # on whenever a backward will follow (GRPO computes its gradients in eval mode: no dropout)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
@@ -285,18 +291,53 @@ def autocast(device, dtype=torch.bfloat16):
     return contextlib.nullcontext()
 
 
-LOGPROB_CHUNK_ELEMENTS = 2**28  # ~1 GiB of fp32 logits at a time in token_logprobs
+# fp32 logits per chunk of chunked_cross_entropy (256 MiB): a chunk's backward holds ~4 such tensors
+LOGPROB_CHUNK_ELEMENTS = 2**26
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), targets, reduction="none"): logits (N, V), targets (N,) -> (N,) fp32,
+    `rows` rows at a time, each chunk's fp32 copy and log-softmax recomputed in backward: only the logits
+    (bf16 under autocast) are saved, where cross_entropy saves an fp32 (N, V) log-softmax (1.8 GiB per
+    3840 tokens at LLaDA's vocabulary). A row's loss and gradient do not depend on its chunk: the same kernels
+    run on the same rows, so values and gradients are bitwise those of one call."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows):
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        return torch.cat([F.cross_entropy(logits[i:i + rows].float(), targets[i:i + rows], reduction="none")
+                          for i in range(0, len(logits), rows)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for i in range(0, len(logits), ctx.rows):
+            with torch.enable_grad():  # the chunk's forward again, then its backward alone
+                chunk = logits[i:i + ctx.rows].detach().requires_grad_()
+                loss = F.cross_entropy(chunk.float(), targets[i:i + ctx.rows], reduction="none")
+                grad_logits[i:i + ctx.rows] = torch.autograd.grad(loss, chunk, grad_output[i:i + ctx.rows])[0]
+        return grad_logits, None, None
+
+
+def chunked_cross_entropy(logits, targets):
+    """F.cross_entropy(logits.float(), targets, reduction="none"): logits (N, V), targets (N,) -> (N,) fp32,
+    in chunks of LOGPROB_CHUNK_ELEMENTS // V rows recomputed in backward (ChunkedCrossEntropy). Rows that fit
+    one chunk take one plain call: recomputed, it would hold the logits beside a new log-softmax."""
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    if len(logits) <= rows:
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    return ChunkedCrossEntropy.apply(logits, targets, rows)
 
 
 def token_logprobs(logits, targets):
     """log p(target) at every position: -CE(logits_i, target_i). logits (B, L, V), targets (B, L) ->
-    (B, L). Computed in fp32 chunks of rows to bound the (B, L, V) fp32 copy; each chunk is flattened to
-    (rows * L, V), which needs no copy (cross_entropy over a transposed (B, V, L) view would make one)."""
+    (B, L), in fp32 chunks of positions (chunked_cross_entropy). The logits are flattened to (B * L, V),
+    which needs no copy (cross_entropy over a transposed (B, V, L) view would make one)."""
     B, L, V = logits.shape
-    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, L * V))
-    return torch.cat([-F.cross_entropy(logits[i:i + rows].float().flatten(0, 1),
-                                       targets[i:i + rows].flatten(), reduction="none").view(-1, L)
-                      for i in range(0, B, rows)])
+    return -chunked_cross_entropy(logits.flatten(0, 1), targets.flatten()).view(B, L)
 
 
 def num_parameters(model):

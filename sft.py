@@ -32,18 +32,19 @@ of differences from d1).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint as C
 import data
 import ddp
+import dryrun
 import model as M
 from evaluate import evaluate_examples
 
@@ -74,12 +75,68 @@ def sft_loss(logits, input_ids, masked, p, prompt_lengths, start=0):
     weighted 1/p, summed and divided by the number of response tokens (d1's normalisation).
     logits (B, L - start, V) are those of positions start.. (the model's `positions=slice(start, None)`;
     start <= the shortest prompt, so every response position is there), input_ids/masked (B, L), p (B, 1),
-    prompt_lengths (B,)."""
+    prompt_lengths (B,). The cross-entropy runs in fp32 chunks recomputed in backward
+    (M.chunked_cross_entropy): the masked rows of the logits, in their own dtype, are what backward keeps."""
     L = input_ids.shape[1]
     masked, targets = masked[:, start:], input_ids[:, start:]
-    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")  # (num_masked,)
+    ce = M.chunked_cross_entropy(logits[masked], targets[masked])  # (num_masked,)
     num_response = (L - prompt_lengths).sum().clamp(min=1)
     return (ce / p.expand_as(masked)[masked]).sum() / num_response
+
+
+def micro_batch_loss(model, input_ids, prompt_lengths, start, mask_id, mask_eps, noise, device):
+    """One micro-batch's loss: its forward mask (noise: its uniforms), the logits of positions start.. (the
+    shortest prompt: the LM head over response positions only), sft_loss. input_ids (B, L), prompt_lengths
+    (B,). The (B, L - start, V) logits are freed on return: only the loss's saved rows outlive backward."""
+    noisy, masked, p = forward_mask(input_ids, prompt_lengths, mask_id, mask_eps, noise=noise)
+    with M.autocast(device):
+        logits = model(noisy, positions=slice(start, None))  # (B, L - start, V)
+    return sft_loss(logits, input_ids, masked, p, prompt_lengths, start)
+
+
+def dry_run(args, micro, accumulation, world_size):
+    """--dry-run: one rank's first optimiser step (a micro-batch of micro x --max-seq-length tokens, its
+    backward, the optimiser step) on fake tensors at the checkpoint's shape, read from its config.json alone,
+    in the dtypes and autocast of a CUDA run. Prints each phase's peak memory, FLOPs and H100 time; returns
+    the exit status."""
+    if args.model in M.PRESETS:
+        tokenizer, config = C.build_tiny_tokenizer(), M.PRESETS[args.model]
+    elif os.path.isdir(args.model):
+        tokenizer, config = C.load_tokenizer(args.model), C.read_config(args.model)
+    else:
+        return f"--model {args.model!r} is neither a checkpoint folder nor a preset"
+    L, P, lora = args.max_seq_length, args.dry_run_prompt_tokens, args.lora_r > 0
+    notes = [f"one rank: a micro-batch of {micro} x {L} tokens, prompts of {P}, x {accumulation} accumulated",
+             "t = 1: every response token masked (the loss's worst case)"]
+    input_ids = torch.full((micro, L), tokenizer.eos_token_id)
+    prompt_lengths = torch.full((micro,), P)
+    noise = (torch.ones(micro), torch.zeros(micro, L))  # t = 1 and u = 0: p = 1 everywhere
+    world = dryrun.fake_world(world_size) if args.fsdp else contextlib.nullcontext()
+    with world as mesh, dryrun.session() as run, dryrun.cuda_like_autocast():
+        model = dryrun.build_model(config, torch.bfloat16 if lora else torch.float32).train()
+        if lora:
+            M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
+                       tuple(args.lora_targets.split(",")), args.seed)
+        model.gradient_checkpointing = args.grad_checkpointing
+        if args.fsdp:  # one rank's slices, gathered as on a GPU (bf16)
+            ddp.shard_model(model, "cuda", mesh)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2),
+                                      weight_decay=args.weight_decay, foreach=True)  # CUDA's default
+
+        def optimiser_step(*_):  # the micro-batch's phase ends where the optimiser's begins
+            run.end()
+            run.begin("optimiser step")
+
+        optimizer.register_step_pre_hook(optimiser_step)
+        run.begin("forward and backward of a micro-batch", repeat=accumulation)
+        loss = micro_batch_loss(model, input_ids, prompt_lengths, P, C.mask_token_id(tokenizer),
+                                args.mask_eps, noise, "cpu")
+        (loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
+        optimizer.step()
+        run.end()
+    return dryrun.finish(run, args.dry_run_gpu_memory, notes)
 
 
 # -----------------------------------------------------------------------------
@@ -139,12 +196,15 @@ if __name__ == "__main__":
     C.add_run_flags(parser, out_dir="out/sft", eval_every=100, save_every=100)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the model init, data order and masks")
+    dryrun.add_flags(parser)
     args = parser.parse_args()
 
     # -----------------------------------------------------------------------------
     # Distributed init and the batch arithmetic
 
     rank, world_size, device = ddp.init()
+    if args.dry_run and args.dry_run_world_size:  # dry-run one rank of that world: its share of the batch
+        world_size = args.dry_run_world_size
     # torch's global RNG draws LoRA dropout alone, which must differ across ranks (rank 0 keeps the run's
     # seed); whatever must agree across ranks (init, masks) comes from explicit generators
     torch.manual_seed(args.seed if rank == 0 else data.derive_seed(args.seed, rank))
@@ -158,6 +218,8 @@ if __name__ == "__main__":
     ddp.print0(f"args: {json.dumps(vars(args))}")
     ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per micro-batch x "
                f"{accumulation} accumulation x {world_size} ranks | device {device}")
+    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
+        raise SystemExit(dry_run(args, micro, accumulation, world_size))
 
     # -----------------------------------------------------------------------------
     # Model and tokenizer
@@ -318,13 +380,9 @@ if __name__ == "__main__":
         for j in range(rank, args.batch_size // micro, world_size):
             rows = slice(j * micro, (j + 1) * micro)
             input_ids, prompt_lengths = collate(batch[rows])
-            noisy, masked, p = forward_mask(input_ids, prompt_lengths, mask_id, args.mask_eps,
-                                              noise=(t_noise[rows], u_noise[rows]))
             # the LM head on response positions only: from the shortest prompt of the micro-batch to the end
-            start = int(prompt_lengths.min())
-            with M.autocast(device):
-                logits = model(noisy, positions=slice(start, None))  # (B, L - start, V)
-            loss = sft_loss(logits, input_ids, masked, p, prompt_lengths, start)
+            loss = micro_batch_loss(model, input_ids, prompt_lengths, int(prompt_lengths.min()), mask_id,
+                                    args.mask_eps, (t_noise[rows], u_noise[rows]), device)
             (loss / accumulation).backward()
             loss_sum += loss.item()
             tokens += input_ids.numel()

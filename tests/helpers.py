@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -264,3 +265,23 @@ def checkpoints(out_dir):
 
 # the files of a full model folder in LLaDA's layout, as the stage scripts write it
 LLADA_LAYOUT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+# -----------------------------------------------------------------------------
+# Which ops ran, in which dtype
+
+
+class RecordOps(TorchDispatchMode):
+    """Records (op, dtype, shape, single) of the first tensor output of every aten op run inside it; single
+    says whether the op returned that tensor alone (not in a tuple)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor):
+            self.ops.append((func, first.dtype, tuple(first.shape), first is out))
+        return out

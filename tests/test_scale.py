@@ -18,14 +18,13 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint as C
 import ddp
 import grpo
 import model as M
 import sft
-from helpers import run_script
+from helpers import RecordOps, run_script
 
 # -----------------------------------------------------------------------------
 # Full fine-tuning that cannot fit
@@ -80,22 +79,9 @@ def test_init_takes_the_gpu_from_local_rank_modulo_the_visible_gpus(monkeypatch)
 # LoRA under autocast
 
 
-class RecordDtypes(TorchDispatchMode):
-    """Records (op, output dtype, output shape) of every aten op run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.ops.append((str(func), out.dtype, tuple(out.shape)))
-        return out
-
-
 def fp32_copies_of(x, ops):
-    return [op for op in ops if op[1] == torch.float32 and op[2] == tuple(x.shape) and "_to_copy" in op[0]]
+    return [op for op in ops
+            if op[3] and op[1] == torch.float32 and op[2] == tuple(x.shape) and "_to_copy" in str(op[0])]
 
 
 def test_lora_input_is_cast_to_fp32_only_without_autocast(make_model):
@@ -106,10 +92,10 @@ def test_lora_input_is_cast_to_fp32_only_without_autocast(make_model):
         m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
     linear = model.blocks[0].q_proj
     x = torch.randn(2, 5, linear.in_features, dtype=torch.bfloat16)
-    with RecordDtypes() as plain:
+    with RecordOps() as plain:
         linear(x)
     assert fp32_copies_of(x, plain.ops), "without autocast the adapters' fp32 matmul needs an fp32 input"
-    with torch.autocast("cpu", dtype=torch.bfloat16), RecordDtypes() as autocast:
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as autocast:
         y = linear(x)
     assert not fp32_copies_of(x, autocast.ops), f"an fp32 copy of the input under autocast: {autocast.ops}"
     assert y.dtype == torch.bfloat16
