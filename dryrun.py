@@ -21,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import heapq
+import os
 import weakref
 
 import torch
@@ -401,6 +402,19 @@ def add_flags(parser, world_size=True):
                             help="dry-run one rank of a torchrun world of this size (its share of the batch)")
     parser.add_argument("--dry-run-prompt-tokens", type=int, default=200,
                         help="the dry run's synthetic prompts have this many tokens (d1: at most 200)")
+
+
+def checkpoint_shape(path):
+    """(tokenizer, config.json as a dict) of a checkpoint folder: all the dry run reads of it."""
+    import checkpoint as C  # the file formats; imported here, so that the engine above needs only the model
+    if C.is_adapter(path):
+        raise SystemExit(f"--dry-run reads a full checkpoint's config.json: {path} is an adapter folder; "
+                         "merge it first (python checkpoint.py merge ADAPTER OUT)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"--dry-run needs {path}/config.json and the tokenizer files (no weights): download "
+                         "those first, e.g. huggingface-cli download GSAI-ML/LLaDA-8B-Instruct config.json "
+                         "tokenizer.json tokenizer_config.json special_tokens_map.json --local-dir DIR")
+    return C.load_tokenizer(path), C.read_config(path)
 
 
 def synthetic_prompts(tokenizer, num_prompts, prompt_tokens):

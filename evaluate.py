@@ -257,10 +257,7 @@ def dry_run(args, settings):
     """--dry-run: one sampler call at the evaluation's batch size, on fake tensors at the first --model's
     shape (its config.json alone), with bf16 weights under --autocast-dtype as on a GPU. Prints each phase's
     peak memory, FLOPs and H100 time; returns the exit status."""
-    path = args.model[0]
-    if C.is_adapter(path):
-        return "--dry-run reads a full checkpoint folder's config.json; merge the adapter first"
-    tokenizer, config = C.load_tokenizer(path), C.read_config(path)
+    tokenizer, config = dryrun.checkpoint_shape(args.model[0])
     B, P = settings["batch_size"], args.dry_run_prompt_tokens
     records = dryrun.synthetic_prompts(tokenizer, B, P)
     sampler = {key: settings[key] for key in ("steps", "gen_length", "block_length", "cache", "threshold")}

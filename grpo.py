@@ -130,7 +130,7 @@ def conditioning_mask(sequences, prompt_length, canvas, mask_id):
     return is_prompt
 
 
-def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator):
+def estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout):
     """d1's perturbed sequence (Sec. 3.2): every action token masked, each conditioning token (is_prompt)
     masked independently with probability p_mask_prompt. sequences, is_prompt (N, L). The uniforms are drawn
     on the CPU for the whole batch from `generator`: a seed gives the same mask on any device and for any
@@ -148,8 +148,9 @@ def completion_logprobs(policy, perturbed, rows, sequences, attention_mask, prom
     return token_logprobs(logits, sequences[rows, prompt_length:])
 
 
-# the --estimator choices: (input for the whole batch, log-probs of some rows, forward rows per sequence)
-ESTIMATORS = {"d1": (estimator_input, completion_logprobs, 1), **objectives.ESTIMATORS}
+# the --estimator choices, each args -> (input of the whole batch, log-probs of some of its rows, forward rows
+# per sequence); the alternatives are objectives.py's
+ESTIMATORS = {"d1": lambda args: (estimator_input, completion_logprobs, 1), **objectives.ESTIMATORS}
 
 
 # -----------------------------------------------------------------------------
@@ -253,14 +254,16 @@ def old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch, mic
 
 
 def update(model, optimizer, trainable, logprobs, estimates, batch, micro_batches, learning_rates, *,
-           old_logps=None, ref_logps=None, ref_model=None, objective="grpo", epsilon=0.5, epsilon_high=0.5,
-           beta=0.0, max_grad_norm=0.0, first_step=0, sync_ref_every=0, ref_mix_alpha=0.6, device="cpu"):
+           old_logps=None, ref_logps=None, ref_model=None, objective="grpo", ratio_free_loss=None,
+           epsilon=0.5, epsilon_high=0.5, beta=0.0, max_grad_norm=0.0, first_step=0, sync_ref_every=0,
+           ref_mix_alpha=0.6, device="cpu"):
     """Step 6 on one rollout batch: one optimiser step per estimate k (mu of them), each accumulating the loss
     of every micro-batch, its gradients averaged over the ranks and clipped; with sync_ref_every > 0 the
     reference is mixed after each optimiser step first_step + k + 1 that it divides. batch: the rollout's
     sequences, attention_mask, prompt_length, completion_mask, advantages (N, 1), num_generations, and a
     ratio-free objective's per-sequence weights; old_logps / ref_logps: step 5's; learning_rates[k]: step k's
-    lr. Returns the metrics, averaged over the steps."""
+    lr; ratio_free_loss: a ratio-free objective's loss (objectives.py), used when objective is not "grpo".
+    Returns the metrics, averaged over the steps."""
     stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_d1": 0.0, "grad_norm": 0.0,
              "first_ratio_error": 0.0}
     mu, mask = len(estimates), batch["completion_mask"].float()
@@ -281,9 +284,9 @@ def update(model, optimizer, trainable, logprobs, estimates, batch, micro_batche
                                            epsilon_high, beta)
                 clip_d1 = d1_clip_ratio(logp.detach(), old, batch["advantages"][mb], mask[mb], epsilon,
                                         epsilon_high)
-            else:  # ratio-free: the weighted log-likelihood of the current policy alone (objectives.py)
-                loss_fn = objectives.RATIO_FREE_OBJECTIVES[objective][1]
-                loss = loss_fn(logp, mask[mb], batch["weights"][mb], len(logp) / batch["num_generations"])
+            else:  # ratio-free: a loss of the current policy alone (objectives.py)
+                groups = len(logp) / batch["num_generations"]
+                loss = ratio_free_loss(logp, mask[mb], batch["weights"][mb], groups)
                 kl = clip = clip_d1 = torch.zeros(())
             (loss / len(micro_batches)).backward()
             for name, value in (("loss", loss), ("kl", kl), ("clip_ratio", clip), ("clip_ratio_d1", clip_d1)):
@@ -307,11 +310,11 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
     of the mu updates and its optimiser step) on fake tensors at the checkpoint's shape, read from its
     config.json alone, in the dtypes and autocast of a CUDA run. Prints each phase's peak memory, FLOPs and
     H100 time; returns the exit status."""
-    if C.is_adapter(args.model):
-        return "--dry-run starts from a full checkpoint folder (its config.json); merge the adapter first"
-    tokenizer, config = C.load_tokenizer(args.model), C.read_config(args.model)
+    tokenizer, config = dryrun.checkpoint_shape(args.model)
     mask_id, lora, G = C.mask_token_id(tokenizer), args.lora_r > 0, args.num_generations
-    make_input, logprobs, _ = ESTIMATORS[args.estimator]
+    make_input, logprobs, _ = ESTIMATORS[args.estimator](args)
+    ratio_free_loss = (objectives.RATIO_FREE_OBJECTIVES[args.objective](args)[1] if args.objective != "grpo"
+                       else None)
     N, P = prompts_per_rank * G, args.max_prompt_length or args.dry_run_prompt_tokens
     records = dryrun.synthetic_prompts(tokenizer, prompts_per_rank, P)
     notes = [f"one rank: {N} rollouts ({prompts_per_rank} prompts x G {G}) of prompts of {P} tokens",
@@ -353,7 +356,8 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
                  "advantages": torch.zeros(N, 1), "weights": torch.zeros(N, 1)}
         is_prompt = conditioning_mask(sequences, P, None, mask_id)
         estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
-                                data.generator(args.seed, 0, k)) for k in range(args.num_iterations)]
+                                data.generator(args.seed, 0, k), completion_mask=batch["completion_mask"])
+                     for k in range(args.num_iterations)]
         reading = (micro_batches, sequences, None, P, "cpu")
         with run.phase("old and reference log-probs", repeat=args.num_iterations):  # of one estimate
             old_logps = ([policy_logprobs(model, logprobs, estimates[0], *reading)]
@@ -365,7 +369,8 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
         run.begin("update: one of mu steps", repeat=args.num_iterations)
         update(model, optimizer, trainable, logprobs, estimates[:1], batch, micro_batches, [args.lr],
                old_logps=old_logps, ref_logps=ref_logps,
-               ref_model=ref_model, objective=args.objective, epsilon=args.epsilon, epsilon_high=epsilon_high,
+               ref_model=ref_model, objective=args.objective, ratio_free_loss=ratio_free_loss,
+               epsilon=args.epsilon, epsilon_high=epsilon_high,
                beta=args.beta, max_grad_norm=args.max_grad_norm, device="cpu")
         run.end()
     return dryrun.finish(run, args.dry_run_gpu_memory, notes)
@@ -432,6 +437,7 @@ if __name__ == "__main__":
     # Evaluation, logging, checkpoints (where the run writes, how often, and --resume: checkpoint.py)
     C.add_run_flags(parser, out_dir="out/grpo", eval_every=50, save_every=50)
     add("--seed", type=int, default=0, help="seed of prompts order, rollouts and masks")
+    objectives.add_flags(parser)  # the settings of the estimators and objectives beyond d1
     dryrun.add_flags(parser)
     args = parser.parse_args()
     ratio_free = args.objective != "grpo"
@@ -484,7 +490,10 @@ if __name__ == "__main__":
                "temperature": args.temperature, "cache": args.rollout_cache,
                "threshold": args.rollout_threshold}
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    make_input, logprobs, passes = ESTIMATORS[args.estimator]
+    make_input, logprobs, passes = ESTIMATORS[args.estimator](args)
+    sequence_weights, ratio_free_loss = (objectives.RATIO_FREE_OBJECTIVES[args.objective](args) if ratio_free
+                                         else (None, None))
+    objectives.check_args(args, sampler)
     ddp.print0(f"args: {json.dumps(vars(args))}")
     ddp.print0(f"world {world_size} | {args.prompts_per_step} prompts x G={args.num_generations} per step = "
                f"{prompts_per_rank} prompts ({rollouts_per_rank} rollouts) per rank | micro-batch {micro} x "
@@ -592,15 +601,14 @@ if __name__ == "__main__":
                  "completion_mask": completion_mask, "advantages": advantages.to(device),
                  "num_generations": args.num_generations}
         if ratio_free:  # per-sequence weights of the objective, from the whole groups' advantages
-            batch["weights"] = objectives.RATIO_FREE_OBJECTIVES[args.objective][0](
-                advantages, args.num_generations).to(device)
+            batch["weights"] = sequence_weights(advantages, args.num_generations).to(device)
         # 4. one estimator input per inner iteration: a fresh mask seed each (random_masking) or a fixed one
         t1 = time.time()
         is_prompt = conditioning_mask(sequences, prompt_length, canvas, mask_id)
         seeds = [(args.seed, step, k) if args.random_masking else (args.seed,)
                  for k in range(args.num_iterations)]
-        estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id, data.generator(*s))
-                     for s in seeds]
+        estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id, data.generator(*s),
+                                completion_mask=completion_mask) for s in seeds]
         # 5. old and reference log-probs of every estimate, once
         old_logps, ref_logps = old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch,
                                                           micro_batches, objective=args.objective,
@@ -611,7 +619,8 @@ if __name__ == "__main__":
                              args.max_steps * args.num_iterations) for k in range(args.num_iterations)]
         stats = update(model, optimizer, trainable, logprobs, estimates, batch, micro_batches, lrs,
                        old_logps=old_logps, ref_logps=ref_logps, ref_model=ref_model,
-                       objective=args.objective, epsilon=args.epsilon, epsilon_high=epsilon_high,
+                       objective=args.objective, ratio_free_loss=ratio_free_loss, epsilon=args.epsilon,
+                       epsilon_high=epsilon_high,
                        beta=args.beta, max_grad_norm=args.max_grad_norm, first_step=first_step,
                        sync_ref_every=args.sync_ref_every, ref_mix_alpha=args.ref_mix_alpha, device=device)
         stats["update_forward_passes"] = (len(old_logps or []) + len(ref_logps or []) + len(lrs)) * passes

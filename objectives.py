@@ -2,17 +2,19 @@
 Beyond d1: the log-likelihood estimators and RL objectives that grpo.py can use instead of d1's, each a flag
 away. grpo.py keeps d1's algorithm whole; a reader of d1 can skip this file.
 
-Two small interfaces, so that a new method adds entries here and moves nothing in grpo.py:
-- an estimator (`--estimator NAME`): ESTIMATORS[NAME] = (make_input, logprobs, passes), where
-  make_input(sequences, is_prompt, p_mask_prompt, mask_id, generator) draws the perturbed input for the whole
-  rollout batch (so a seed gives the same masks for any split into micro-batches), and
-  logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length) returns the per-token log-probs
-  (n, T) of the completion positions of the batch's `rows`; passes counts its forward rows per sequence.
-  It serves the old, the reference and the current policy alike, so the ratio compares like with like.
-- a ratio-free objective (`--objective NAME`): RATIO_FREE_OBJECTIVES[NAME] = (sequence_weights, loss), where
-  sequence_weights(advantages (N, 1), num_generations) -> (N, 1) is computed once per rollout batch, and
-  loss(logp, mask, weights, num_groups) is the micro-batch's loss; such an objective needs no old and no
-  reference log-probs.
+Two small interfaces, so that a new method adds a section here and moves nothing in grpo.py:
+- an estimator (`--estimator NAME`): ESTIMATORS[NAME](args) -> (make_input, logprobs, passes), its settings
+  bound from the command line. make_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout)
+  draws the input of the whole rollout batch from `generator` (a seed gives the same masks for any split into
+  micro-batches); `rollout` holds what the rollout recorded: completion_mask (N, T) and, when the sampler
+  recorded it, unmask_step (N, T). logprobs(policy, estimate, rows, sequences, attention_mask,
+  prompt_length) returns the per-token log-probs of the completion positions of the batch's `rows`, (n, T),
+  or (n, C, T) for a ratio-free objective that reads C estimates; passes counts its forward rows per
+  sequence. It serves the old, the reference and the current policy alike: the ratio compares like with like.
+- a ratio-free objective (`--objective NAME`): RATIO_FREE_OBJECTIVES[NAME](args) -> (sequence_weights, loss),
+  sequence_weights(advantages (N, 1), num_generations) -> (N, 1) once per rollout batch, and
+  loss(logp, mask, weights, num_groups) the micro-batch's loss; it needs no old and no reference log-probs.
+add_flags(parser) declares every method's settings; check_args(args, sampler) refuses what cannot work.
 
     python grpo.py --estimator coupled                  # DiffuCoder's coupled masks, d1's objective
     python grpo.py --objective wd1 --lr 3e-5            # wd1's weighted likelihood, d1's estimator
@@ -21,6 +23,10 @@ Two small interfaces, so that a new method adds entries here and moves nothing i
 import torch
 
 from model import token_logprobs
+
+# name -> function(args) -> the method's pieces, and the functions that add its flags to grpo.py's command line
+# and check them (flags(parser), check(args, sampler)): each section below registers its own
+ESTIMATORS, RATIO_FREE_OBJECTIVES, FLAGS, CHECKS = {}, {}, [], []
 
 # -----------------------------------------------------------------------------
 # Coupled sampling (DiffuCoder, Gong et al. 2025, coupled-GRPO)
@@ -31,7 +37,7 @@ COUPLED_MASK_RATIO_RANGE = (0.2, 0.8)
 
 
 def coupled_estimator_input(sequences, is_prompt, p_mask_prompt, mask_id, generator,
-                            ratio_range=COUPLED_MASK_RATIO_RANGE):
+                            ratio_range=COUPLED_MASK_RATIO_RANGE, **rollout):
     """Two passes whose masks over the action tokens (~is_prompt) are complementary. Per sequence
     t ~ U(ratio_range) and u ~ U(0, 1) per token; pass 1 masks the action tokens with u < t, pass 2 the
     others, so every action token is masked in exactly one pass and read there with the other pass's tokens
@@ -77,6 +83,9 @@ def coupled_rows_logprobs(policy, estimate, rows, sequences, attention_mask, pro
                             None if attention_mask is None else attention_mask[rows], prompt_length)
 
 
+ESTIMATORS["coupled"] = lambda args: (coupled_estimator_input, coupled_rows_logprobs, 2)
+
+
 # -----------------------------------------------------------------------------
 # wd1 (Tang et al. 2025): a ratio-free weighted log-likelihood
 
@@ -103,8 +112,21 @@ def wd1_loss(logp, mask, weights, num_groups):
     return -(weights * sequence_logp).sum() / num_groups
 
 
-# -----------------------------------------------------------------------------
-# What grpo.py's flags select
+RATIO_FREE_OBJECTIVES["wd1"] = lambda args: (wd1_sequence_weights, wd1_loss)
 
-ESTIMATORS = {"coupled": (coupled_estimator_input, coupled_rows_logprobs, 2)}
-RATIO_FREE_OBJECTIVES = {"wd1": (wd1_sequence_weights, wd1_loss)}
+
+# -----------------------------------------------------------------------------
+# The methods' flags, and the combinations that cannot work
+
+
+def add_flags(parser):
+    """Every method's settings, in grpo.py's command line."""
+    for flags in FLAGS:
+        flags(parser)
+
+
+def check_args(args, sampler):
+    """Refuse a combination of flags that a method cannot run (sampler: grpo.py's rollout settings): a
+    SystemExit that says what to do."""
+    for check in CHECKS:
+        check(args, sampler)

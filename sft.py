@@ -102,7 +102,7 @@ def dry_run(args, micro, accumulation, world_size):
     if args.model in M.PRESETS:
         tokenizer, config = C.build_tiny_tokenizer(), M.PRESETS[args.model]
     elif os.path.isdir(args.model):
-        tokenizer, config = C.load_tokenizer(args.model), C.read_config(args.model)
+        tokenizer, config = dryrun.checkpoint_shape(args.model)
     else:
         return f"--model {args.model!r} is neither a checkpoint folder nor a preset"
     L, P, lora = args.max_seq_length, args.dry_run_prompt_tokens, args.lora_r > 0

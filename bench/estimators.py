@@ -29,6 +29,7 @@ import checkpoint as C
 import data
 import grpo
 import model as M
+import objectives
 import rewards
 
 parser = argparse.ArgumentParser(
@@ -47,7 +48,9 @@ parser.add_argument("--num-iterations", type=int, default=4,
                     help="mu, for the forward-pass count (grpo.py's default)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient, for the forward-pass count")
 parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, rollouts and masks")
+objectives.add_flags(parser)  # the estimators' own settings, grpo.py's defaults
 args = parser.parse_args()
+STUDIED = ("d1", "coupled")  # the estimators of one (N, T) estimate that read nothing else of the rollout
 torch.manual_seed(args.seed)
 
 # -----------------------------------------------------------------------------
@@ -80,7 +83,7 @@ print(f"{N} rollouts ({args.prompts} prompts x G={args.num_generations}) from {a
 
 
 def estimate(estimator, seed):
-    make_input, logprobs, _ = grpo.ESTIMATORS[estimator]
+    make_input, logprobs, _ = grpo.ESTIMATORS[estimator](args)
     estimated = make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
                            torch.Generator().manual_seed(seed))
     return logprobs(model, estimated, slice(None), sequences, attention_mask, prompt_length)
@@ -129,7 +132,7 @@ print(f"reference ELBO: {args.reference_draws} draws, mean log-likelihood {refer
       f"draws, cosine between halves {cosine(halves[0], halves[1], dim=0):.3f}")
 
 rows = []
-for estimator in grpo.ESTIMATORS:
+for estimator in STUDIED:
     values, grads, seconds = [], [], 0.0
     for r in range(args.draws):
         t0 = time.time()
@@ -158,7 +161,7 @@ old_passes = mu if mu > 1 else 0
 print(f"\nforward passes over the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}): "
       "old, reference and current for grpo, the current alone for wd1; "
       "coupled reads two passes where d1 reads one")
-for estimator, (_, _, passes) in grpo.ESTIMATORS.items():
+for estimator, passes in ((name, grpo.ESTIMATORS[name](args)[2]) for name in STUDIED):
     print(f"  {estimator:>7} + grpo: {passes * (old_passes + reference_passes + mu):3d} "
           f"({passes * mu} with backward) | {estimator:>7} + wd1: {passes * mu:3d} "
           f"({passes * mu} with backward)")

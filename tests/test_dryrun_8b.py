@@ -12,7 +12,8 @@ fits an 80 GB GPU:
   the first pass of a block, which keeps every layer's keys and values, peaks under 42 GiB (the cache held
   once);
 - the flags on tiny shapes: --dry-run-world-size sets the rank's share of the batch, --dry-run-prompt-tokens
-  the prompts' length, and --dry-run-gpu-memory makes a phase that does not fit exit 1 with a message.
+  the prompts' length, and --dry-run-gpu-memory makes a phase that does not fit exit 1 with a message;
+- a folder without config.json, or an adapter folder, is refused with a message saying what to do.
 """
 
 import json
@@ -119,3 +120,12 @@ def test_a_phase_that_does_not_fit_exits_1(tmp_path):
                      expect_ok=False)
     assert run.returncode == 1 and "DOES NOT FIT" in run.stdout
     assert_clean_error(run, "--dry-run-gpu-memory")
+
+
+def test_missing_config_and_adapter_folders_are_refused(tmp_path):
+    C.save_tokenizer(C.build_tiny_tokenizer(), str(tmp_path))
+    run = run_script("evaluate.py", "--dry-run", "--model", tmp_path, expect_ok=False)
+    assert_clean_error(run, "config.json", "tokenizer files")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    run = run_script("grpo.py", "--dry-run", "--model", tmp_path, expect_ok=False)
+    assert_clean_error(run, "adapter folder", "merge")
