@@ -123,9 +123,8 @@ def load_tokenizer(path, base=None):
 # Models: a preset built from random weights, or a folder in LLaDA's layout
 
 
-def build_model(preset, tokenizer=None, seed=0, device="cpu", dtype=torch.float32):
-    """A randomly initialised model of a preset shape. Tiny presets take their vocabulary and special
-    ids from the tokenizer."""
+def preset_config(preset, tokenizer=None):
+    """A preset's ModelConfig. Tiny presets take their vocabulary and special ids from the tokenizer."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
                          "or pass a checkpoint folder")
@@ -134,7 +133,12 @@ def build_model(preset, tokenizer=None, seed=0, device="cpu", dtype=torch.float3
         cfg.vocab_size = cfg.embedding_size = len(tokenizer)
         cfg.mask_token_id = mask_token_id(tokenizer)
         cfg.eos_token_id = cfg.pad_token_id = tokenizer.eos_token_id
-    model = LLaDA(cfg).init_weights(seed)
+    return cfg
+
+
+def build_model(preset, tokenizer=None, seed=0, device="cpu", dtype=torch.float32):
+    """A randomly initialised model of a preset shape (preset_config)."""
+    model = LLaDA(preset_config(preset, tokenizer)).init_weights(seed)
     return model.to(device=device, dtype=dtype)
 
 

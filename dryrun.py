@@ -335,7 +335,7 @@ def session(block=CUDA_BLOCK_BYTES):
     FLOP counter and the worst-case mode, in that order (the last is the first to see an op). `block`: the
     allocator's rounding (1 counts exact bytes)."""
     tracker, counter, worst_case = MemoryTracker(block), FlopCounter(), WorstCase()
-    resize = torch.UntypedStorage.resize_
+    resize, own = torch.UntypedStorage.resize_, "resize_" in torch.UntypedStorage.__dict__
 
     def tracked_resize(storage, size):  # no op sees a storage resized in place: tell the tracker
         result = resize(storage, size)
@@ -347,7 +347,10 @@ def session(block=CUDA_BLOCK_BYTES):
         with FakeTensorMode(allow_non_fake_inputs=True), tracker, counter, worst_case:
             yield Session(tracker, counter, worst_case)
     finally:
-        torch.UntypedStorage.resize_ = resize
+        if own:
+            torch.UntypedStorage.resize_ = resize
+        else:  # inherited: remove the patch, the class's own attribute
+            del torch.UntypedStorage.resize_
 
 
 @contextlib.contextmanager
@@ -368,8 +371,10 @@ def fake_world(world_size):
 def cuda_like_autocast(dtype=torch.bfloat16):
     """The bf16 autocast of a CUDA run, on the CPU device: linears, matmuls and attention run in bf16. Its
     fp32 list is the CPU's: CUDA's also lifts softmax, log_softmax, exp, log, pow and sum of bf16 inputs to
-    fp32, which our code does by hand before each (RMSNorm, RoPE, token_logprobs, the sampler's float64)."""
-    return torch.autocast("cpu", dtype=dtype)
+    fp32, which our code does by hand before each (RMSNorm, RoPE, token_logprobs, the sampler's float64).
+    Without the weight cache: a run leaves autocast after each forward, which empties it, where one region
+    spans the whole dry run (autograd still saves each cast weight it needs for backward)."""
+    return torch.autocast("cpu", dtype=dtype, cache_enabled=False)
 
 
 def build_model(config_dict, dtype=torch.bfloat16):
@@ -401,7 +406,8 @@ def add_flags(parser, world_size=True):
         parser.add_argument("--dry-run-world-size", type=int, default=None,
                             help="dry-run one rank of a torchrun world of this size (its share of the batch)")
     parser.add_argument("--dry-run-prompt-tokens", type=int, default=200,
-                        help="the dry run's synthetic prompts have this many tokens (d1: at most 200)")
+                        help="the dry run's synthetic prompts have this many tokens (d1: at most 200; "
+                             "grpo.py takes --max-prompt-length when given)")
 
 
 def checkpoint_shape(path):
@@ -428,44 +434,65 @@ class StopSampling(Exception):
     """Raised by the dry run's model after the first block of the sampler."""
 
 
-def sample_one_block(run, model, sample, sampler, *, prompt_length, name):
+def sample_one_block(run, model, sample, sampler, *, prompt_length, name, calls=1):
     """Run `sample()`, a call of the real sampler on `model` (e.g. generate.generate_records), for the first
     two forward passes of its first block: a block's first pass (the fast sampler's full pass that keeps the
     keys and values) and one of its other passes (the same shape every time: cached, with the fast sampler),
     each a phase repeated for every pass of every block. A block has steps / blocks passes, or block_length
     with threshold decoding (one commit per step: its worst case). Where the fast sampler asks for the logits
     of its still-masked positions (a bool mask), the dry run's model gives those of the whole block: every
-    position masked, a block's first step. Returns the assumptions, for the report."""
+    position masked, a block's first step. calls: how many sampler calls (generation batches) the real run
+    makes, each like the first. Returns the assumptions, for the report."""
     num_blocks = sampler["gen_length"] // sampler["block_length"]
     passes = (sampler["block_length"] if sampler["threshold"] is not None
               else sampler["steps"] // num_blocks)
     block = slice(prompt_length, prompt_length + sampler["block_length"])
-    forward, calls = model.forward, 0
+    forward, own_forward, made = model.forward, model.__dict__.get("forward"), 0
 
     def probe(x, attention_mask=None, positions=slice(None), **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls > min(passes, 2):
+        nonlocal made
+        made += 1
+        if made > min(passes, 2):
             raise StopSampling
-        if calls == 2:
+        if made == 2:
             run.end()
-            run.begin(f"{name}: other passes", repeat=num_blocks * (passes - 1))
+            run.begin(f"{name}: other passes", repeat=calls * num_blocks * (passes - 1))
         if not isinstance(positions, torch.Tensor):
             return forward(x, attention_mask, positions, **kwargs)
         out = forward(x, attention_mask, block, **kwargs)  # (rows, block_length, V), or (logits, kv)
         return (out[0].flatten(0, 1), out[1]) if isinstance(out, tuple) else out.flatten(0, 1)
 
     model.forward = probe  # this model object, for this call only
-    run.begin(f"{name}: first pass of a block", repeat=num_blocks)
+    run.begin(f"{name}: first pass of a block", repeat=calls * num_blocks)
     try:
         sample()
     except StopSampling:
         pass
     finally:
-        del model.forward
+        if own_forward is None:
+            del model.forward
+        else:
+            model.forward = own_forward
     run.end()
-    return [f"the sampler: {num_blocks} blocks of {passes} forward passes, each pass as the first block's "
-            "first or second, every position of the block masked (a block's first step, its worst case)"]
+    return [f"the sampler: {calls} call(s) of {num_blocks} blocks of {passes} forward passes, each pass as "
+            "the first block's first or second, every position of the block masked (a block's first step, "
+            "its worst case)"]
+
+
+def materialise_optimizer_state(optimizer, params, keep_grads=False):
+    """AdamW's moments exist from a run's first optimiser step on, and are live in every later phase: one
+    step on zero gradients at lr 0 makes them now, before the phases. keep_grads: leave the (zero) gradients
+    in place, as an earlier micro-batch of the same step would have."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def finish(run, gpu_memory_gib, notes):

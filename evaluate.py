@@ -329,6 +329,9 @@ if __name__ == "__main__":
                 "batch_size": args.batch_size or defaults["batch_size"], "cache": args.cache,
                 "threshold": args.threshold}
     if args.dry_run:  # one sampler call on fake tensors at the checkpoint's shape, then stop
+        if ddp.is_distributed():
+            raise SystemExit("--dry-run runs as one process (a rank's sampler call): python evaluate.py "
+                             "--dry-run ...")
         raise SystemExit(dry_run(args, settings))
     try:
         examples = data.test_examples(args.task, args.data_dir, args.limit)

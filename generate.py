@@ -102,6 +102,16 @@ def commit_most_confident(block, x0, confidence, k):
     return torch.where(commit, x0, block)
 
 
+def record_commits(unmask_step, rows, offset, masked, block, mask_id, step):
+    """unmask_step[rows] (B, gen_length) set to `step` at the block's positions (from `offset` in the
+    completion) that were masked before this step (masked) and are not now (block, the rows' block after the
+    commit): d2-StepMerge's trajectory (Wang et al. 2025, d2; d2StepMergeTrainer.generate, its
+    diffu_grpo_trainer.py L871-879) kept as one global step per token. A sampler never changes a committed
+    token, so the state after s steps is every position whose step is <= s."""
+    span = slice(offset, offset + block.shape[1])
+    unmask_step[rows, span] = torch.where(masked & (block != mask_id), step, unmask_step[rows, span])
+
+
 SAMPLER_CHUNK_ELEMENTS = 2**27  # float64 numbers (1 GiB) of the samplers' work on the logits at a time
 
 
@@ -158,19 +168,19 @@ def gumbel_max_step(logits, masked, mask_id, temperature, generator, scored):
 @torch.no_grad()
 def llada_generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
                    remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None,
-                   canvas=None):
+                   canvas=None, unmask_step=None):
     """LLaDA's sampler, the pseudocode above, on a batch of independent rows, with left padding under
     attention_mask, an infilling canvas and float64 Gumbel noise. Arguments as generate's, which checks them;
     returns the (B, Lp + gen_length) tokens. Every row runs in every step's pass, the LM head over the
-    block."""
+    block. unmask_step (B, gen_length), optional, receives each position's commit step (record_commits)."""
     B, Lp = prompt_ids.shape
     x = initial_sequence(prompt_ids, gen_length, mask_id, canvas)  # prompt ++ [MASK]s, or prompt ++ canvas
     attention_mask = sequence_attention_mask(attention_mask, gen_length, cfg_scale)
     steps_per_block = steps // (gen_length // block_length)
-    for start in range(Lp, Lp + gen_length, block_length):
+    for block, start in enumerate(range(Lp, Lp + gen_length, block_length)):
         end = start + block_length
         transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
-        for k in transfers.T:  # (B,) tokens each row commits at this step
+        for i, k in enumerate(transfers.T):  # (B,) tokens each row commits at step i (skipped ones count)
             if not k.any():  # every row's block has fewer masks than steps: no pass, no noise drawn
                 continue
             masked = x[:, start:end] == mask_id  # (B, block_length)
@@ -191,6 +201,9 @@ def llada_generate(model, prompt_ids, steps, gen_length, block_length, temperatu
                                         generator=generator)
                 confidence = torch.where(masked, confidence, -torch.inf)
             x[:, start:end] = commit_most_confident(x[:, start:end], x0, confidence, k)
+            if unmask_step is not None:
+                record_commits(unmask_step, slice(None), start - Lp, masked, x[:, start:end], mask_id,
+                               block * steps_per_block + i + 1)
     return x
 
 
@@ -226,17 +239,18 @@ def inverse_cdf_step(logits, mask_id, temperature, generator, scored):
 @torch.no_grad()
 def fast_generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
                   remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None,
-                  canvas=None, cache="none", threshold=None):
+                  canvas=None, cache="none", threshold=None, unmask_step=None):
     """The fast sampler (Fast-dLLM), LLaDA's with the options generate's docstring describes: a prefix or dual
     key/value cache refreshed at every block's first pass, threshold decoding, a pass over only the rows that
     commit something, the LM head over the block's still-masked positions only, and at temperature > 0 one
     uniform number per position (inverse CDF) instead of Gumbel noise per vocabulary entry. Arguments as
-    generate's, which checks them; returns the (B, Lp + gen_length) tokens."""
+    generate's, which checks them; returns the (B, Lp + gen_length) tokens. unmask_step (B, gen_length),
+    optional (without threshold: its steps are fixed), receives each position's commit step."""
     B, Lp = prompt_ids.shape
     x = initial_sequence(prompt_ids, gen_length, mask_id, canvas)
     attention_mask = sequence_attention_mask(attention_mask, gen_length, cfg_scale)
     steps_per_block = steps // (gen_length // block_length)
-    for start in range(Lp, Lp + gen_length, block_length):
+    for block, start in enumerate(range(Lp, Lp + gen_length, block_length)):
         end = start + block_length
         transfers = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps_per_block)
         # with a cache, the block's first pass runs the whole sequence, and the later ones run only these
@@ -290,6 +304,9 @@ def fast_generate(model, prompt_ids, steps, gen_length, block_length, temperatur
             else:  # every masked position at least tau confident, and at least one (each row here has one)
                 k = (confidence >= threshold).sum(dim=-1).clamp(min=1)
             x[rows, start:end] = commit_most_confident(x[rows, start:end], x0, confidence, k)
+            if unmask_step is not None:  # step i of the block whether or not every row ran in it
+                record_commits(unmask_step, rows, start - Lp, masked, x[rows, start:end], mask_id,
+                               block * steps_per_block + i + 1)
     return x
 
 
@@ -313,7 +330,7 @@ CACHE_MODES = ("none", "prefix", "dual")
 @torch.no_grad()
 def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,
              remasking="low_confidence", mask_id=126336, attention_mask=None, generator=None, canvas=None,
-             cache="none", threshold=None, stats=None):
+             cache="none", threshold=None, stats=None, record=None):
     """Sample gen_length tokens after prompt_ids (B, Lp). Returns the (B, Lp + gen_length) tokens.
 
     Rows of the batch are independent (at temperature 0; at T > 0 they share the generator's stream).
@@ -344,7 +361,10 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
       vocabulary entry.
     - stats, a dict, is filled (added to, so one dict can sum a loop of calls) with forward_passes (model
       calls; cfg's two halves are one call), row_forward_passes (the rows each call ran, summed) and
-      generated_tokens (positions sampled): forward passes per generated token = row / generated."""
+      generated_tokens (positions sampled): forward passes per generated token = row / generated.
+    - record, a dict, receives record["unmask_step"] (B, gen_length) long: the global step (1-based, over all
+      blocks: block * steps_per_block + i + 1) at which each position was committed, 0 for a canvas's given
+      positions (d2-StepMerge's trajectory, objectives.py). Not with threshold: its steps are not fixed."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
@@ -363,12 +383,19 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
         for key, value in (("forward_passes", 0), ("row_forward_passes", 0), ("generated_tokens", generated)):
             stats[key] = stats.get(key, 0) + value
         model = counting_passes(model, stats, cfg_scale)
+    unmask_step = None
+    if record is not None:
+        if threshold is not None:
+            raise ValueError("record: threshold decoding runs a varying number of steps per block, so a "
+                             "position's step index is not defined; record without threshold")
+        unmask_step = record["unmask_step"] = torch.zeros(len(prompt_ids), gen_length, dtype=torch.long,
+                                                          device=prompt_ids.device)
     common = (model, prompt_ids, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id,
               attention_mask, generator, canvas)
     # LLaDA's sampler stays the pseudocode above: every option beyond it (cache, threshold) is the fast one's
     if cache == "none" and threshold is None:
-        return llada_generate(*common)
-    return fast_generate(*common, cache=cache, threshold=threshold)
+        return llada_generate(*common, unmask_step=unmask_step)
+    return fast_generate(*common, cache=cache, threshold=threshold, unmask_step=unmask_step)
 
 
 # -----------------------------------------------------------------------------
@@ -377,11 +404,12 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
 
 @torch.no_grad()
 def generate_records(model, tokenizer, records, sampler, *, mask_id, device, max_prompt_length=0,
-                     add_special_tokens=False, batch_size=None, noise_seed=None, stats=None):
+                     add_special_tokens=False, batch_size=None, noise_seed=None, stats=None, record=None):
     """Each record's chat prompt encoded (its last max_prompt_length tokens when > 0, as TRL keeps them),
     left-padded over all records, its canvas when the task has one (infilling), then generate() on batches of
     batch_size rows (all at once by default), batch b's noise from data.generator(*noise_seed, b) (None: no
     generator). sampler: generate's steps, gen_length, block_length, temperature, cache and threshold.
+    record, a dict: generate's record of every batch, concatenated (record["unmask_step"] (B, gen_length)).
     Returns (sequences (B, Lp + gen_length), prompt_mask (B, Lp) or None, canvas (B, gen_length) or None)."""
     rows = [data.encode_prompt(tokenizer, r["prompt"], r["prefill"], add_special_tokens)[-max_prompt_length:]
             for r in records]
@@ -389,15 +417,18 @@ def generate_records(model, tokenizer, records, sampler, *, mask_id, device, max
     canvases = [data.encode_canvas(tokenizer, r, sampler["gen_length"], mask_id) for r in records]
     canvas = None if canvases[0] is None else torch.tensor(canvases, device=device)
     batch_size = batch_size or len(records)
-    outputs = []
+    outputs, batch_records = [], []
     for b in range(0, len(records), batch_size):
         batch = slice(b, b + batch_size)
+        batch_records.append(None if record is None else {})
         outputs.append(generate(
-            model, prompt_ids[batch], mask_id=mask_id, stats=stats,
+            model, prompt_ids[batch], mask_id=mask_id, stats=stats, record=batch_records[-1],
             attention_mask=None if prompt_mask is None else prompt_mask[batch],
             canvas=None if canvas is None else canvas[batch],
             generator=None if noise_seed is None else data.generator(*noise_seed, b, device=device),
             **sampler))
+    if record is not None:
+        record.update({key: torch.cat([r[key] for r in batch_records]) for key in batch_records[0]})
     return torch.cat(outputs), prompt_mask, canvas
 
 

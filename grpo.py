@@ -64,17 +64,18 @@ from model import token_logprobs
 
 @torch.no_grad()
 def rollout(model, tokenizer, records, sampler, *, num_generations, mask_id, device, max_prompt_length=0,
-            batch_size=None, noise_seed=None, stats=None):
+            batch_size=None, noise_seed=None, stats=None, record=None):
     """G completions of each record, each group contiguous: N = len(records) * G rows. Batch b of the sampler
     draws its noise from (*noise_seed, b), so a run reproduces exactly. Returns the sequences (N, L), their
     attention mask (N, L) or None, the canvas (N, gen_length) or None, the completion mask (N, gen_length)
-    of the tokens up to and including the first EOS, less a canvas's given tokens, and the reward texts."""
+    of the tokens up to and including the first EOS, less a canvas's given tokens, and the reward texts.
+    record, a dict, receives what the sampler recorded: unmask_step (N, gen_length) (generate's record)."""
     model.eval()
     with M.autocast(device):
         sequences, prompt_mask, canvas = generate_records(
             model, tokenizer, [r for r in records for _ in range(num_generations)], sampler, mask_id=mask_id,
             device=device, max_prompt_length=max_prompt_length, batch_size=batch_size, noise_seed=noise_seed,
-            stats=stats)  # d1 (TRL) keeps the last max_prompt_length tokens of a longer prompt
+            stats=stats, record=record)  # d1 (TRL) keeps the last max_prompt_length tokens of a longer prompt
     gen_length = sampler["gen_length"]
     completion_mask, texts = read_completions(tokenizer, sequences[:, -gen_length:], canvas, mask_id)
     attention_mask = None if prompt_mask is None else torch.cat(
@@ -148,9 +149,9 @@ def completion_logprobs(policy, perturbed, rows, sequences, attention_mask, prom
     return token_logprobs(logits, sequences[rows, prompt_length:])
 
 
-# the --estimator choices, each args -> (input of the whole batch, log-probs of some of its rows, forward rows
-# per sequence); the alternatives are objectives.py's
-ESTIMATORS = {"d1": lambda args: (estimator_input, completion_logprobs, 1), **objectives.ESTIMATORS}
+# the --estimator choices, each (args, sampler) -> (input of the whole batch, log-probs of some of its rows,
+# forward rows per sequence); the alternatives are objectives.py's
+ESTIMATORS = {"d1": lambda args, sampler: (estimator_input, completion_logprobs, 1), **objectives.ESTIMATORS}
 
 
 # -----------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
     H100 time; returns the exit status."""
     tokenizer, config = dryrun.checkpoint_shape(args.model)
     mask_id, lora, G = C.mask_token_id(tokenizer), args.lora_r > 0, args.num_generations
-    make_input, logprobs, _ = ESTIMATORS[args.estimator](args)
+    make_input, logprobs, _ = ESTIMATORS[args.estimator](args, sampler)
     ratio_free_loss = (objectives.RATIO_FREE_OBJECTIVES[args.objective](args)[1] if args.objective != "grpo"
                        else None)
     N, P = prompts_per_rank * G, args.max_prompt_length or args.dry_run_prompt_tokens
@@ -320,7 +321,9 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
     notes = [f"one rank: {N} rollouts ({prompts_per_rank} prompts x G {G}) of prompts of {P} tokens",
              "every completion position an action (no EOS): the longest completion mask",
              f"old and reference log-probs, the update and its optimiser step: one of mu "
-             f"{args.num_iterations}, FLOPs and time x mu"]
+             f"{args.num_iterations}, FLOPs and time x mu",
+             "AdamW's moments (and with --sync-ref-every and LoRA the reference's deltas) live from the "
+             "start, as from a run's second step"]
     world = dryrun.fake_world(world_size) if args.fsdp else contextlib.nullcontext()
     with world as mesh, dryrun.session() as run, dryrun.cuda_like_autocast():
         model = dryrun.build_model(config, torch.bfloat16 if lora else torch.float32)
@@ -336,6 +339,9 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2),
                                       weight_decay=args.weight_decay, foreach=True)  # CUDA's default
+        dryrun.materialise_optimizer_state(optimizer, trainable)
+        if args.sync_ref_every > 0 and lora:  # the reference's dense deltas, live from the first sync on
+            M.sync_lora_reference(model, args.ref_mix_alpha)
 
         def optimiser_step(*_):  # the update's phase ends where the optimiser's begins
             run.end()
@@ -349,14 +355,19 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
                         max_prompt_length=P, batch_size=args.generation_batch_size,
                         noise_seed=(args.seed, 0, 0))
 
-        notes += dryrun.sample_one_block(run, model, sample, sampler, prompt_length=P, name="rollout")
+        calls = -(-N // (args.generation_batch_size or N))  # the rollout's sampler calls, each like the first
+        notes += dryrun.sample_one_block(run, model, sample, sampler, prompt_length=P, name="rollout",
+                                         calls=calls)
         sequences = torch.full((N, P + sampler["gen_length"]), mask_id)
         batch = {"sequences": sequences, "attention_mask": None, "prompt_length": P, "num_generations": G,
                  "completion_mask": torch.ones(N, sampler["gen_length"], dtype=torch.bool),
                  "advantages": torch.zeros(N, 1), "weights": torch.zeros(N, 1)}
         is_prompt = conditioning_mask(sequences, P, None, mask_id)
+        # every position committed at the first step: any commit steps cost the same K passes (stepmerge)
+        unmask_step = torch.ones(N, sampler["gen_length"], dtype=torch.long)
         estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
-                                data.generator(args.seed, 0, k), completion_mask=batch["completion_mask"])
+                                data.generator(args.seed, 0, k), completion_mask=batch["completion_mask"],
+                                unmask_step=unmask_step)
                      for k in range(args.num_iterations)]
         reading = (micro_batches, sequences, None, P, "cpu")
         with run.phase("old and reference log-probs", repeat=args.num_iterations):  # of one estimate
@@ -490,7 +501,7 @@ if __name__ == "__main__":
                "temperature": args.temperature, "cache": args.rollout_cache,
                "threshold": args.rollout_threshold}
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    make_input, logprobs, passes = ESTIMATORS[args.estimator](args)
+    make_input, logprobs, passes = ESTIMATORS[args.estimator](args, sampler)
     sequence_weights, ratio_free_loss = (objectives.RATIO_FREE_OBJECTIVES[args.objective](args) if ratio_free
                                          else (None, None))
     objectives.check_args(args, sampler)
@@ -505,12 +516,14 @@ if __name__ == "__main__":
     if not os.path.isdir(args.model):
         raise SystemExit(f"--model {args.model!r} is not a folder. The tiny default starts from the SFT "
                          "checkpoint: run `python sft.py` first (it writes out/sft), or pass --model DIR.")
-    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
-        raise SystemExit(dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_size))
     lora = C.is_adapter(args.model) or args.lora_r > 0
     if args.fsdp and (lora or world_size == 1):
         raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r "
                          "and start from a full checkpoint (LoRA's states are small; DDP replicates them)")
+    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
+        if ddp.is_distributed():
+            raise SystemExit("--dry-run runs as one process: python grpo.py --dry-run --dry-run-world-size N")
+        raise SystemExit(dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_size))
     if device.type == "cuda" and not lora:  # refuse before loading what cannot fit
         M.check_full_finetuning_fits(M.config_parameters(C.read_config(args.model)),
                                      torch.cuda.get_device_properties(device).total_memory, world_size,
@@ -586,13 +599,14 @@ if __name__ == "__main__":
         # 1. rollouts of this rank's share of the step's prompts (whole groups per rank)
         indices = data.step_indices(step, args.prompts_per_step, len(prompts), args.seed)
         records = [prompts[i] for i in ddp.shard(indices, rank, world_size)]
-        sampler_stats = {}
+        # the sampler's commit step of each token (d2-StepMerge reads it), cheap; undefined under threshold
+        sampler_stats, rollout_record = {}, {}
         with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so ranks differ
             sequences, attention_mask, canvas, completion_mask, texts = rollout(
                 model, tokenizer, records, sampler, num_generations=args.num_generations, mask_id=mask_id,
                 device=device, max_prompt_length=args.max_prompt_length,
                 batch_size=args.generation_batch_size, noise_seed=(args.seed, step, rank),
-                stats=sampler_stats)
+                stats=sampler_stats, record=rollout_record if args.rollout_threshold is None else None)
         prompt_length, t_rollout = sequences.shape[1] - gen_length, time.time() - t0
         # 2-3. rewards and group-relative advantages
         reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
@@ -608,7 +622,7 @@ if __name__ == "__main__":
         seeds = [(args.seed, step, k) if args.random_masking else (args.seed,)
                  for k in range(args.num_iterations)]
         estimates = [make_input(sequences, is_prompt, args.p_mask_prompt, mask_id, data.generator(*s),
-                                completion_mask=completion_mask) for s in seeds]
+                                completion_mask=completion_mask, **rollout_record) for s in seeds]
         # 5. old and reference log-probs of every estimate, once
         old_logps, ref_logps = old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch,
                                                           micro_batches, objective=args.objective,

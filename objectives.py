@@ -3,9 +3,10 @@ Beyond d1: the log-likelihood estimators and RL objectives that grpo.py can use 
 away. grpo.py keeps d1's algorithm whole; a reader of d1 can skip this file.
 
 Two small interfaces, so that a new method adds a section here and moves nothing in grpo.py:
-- an estimator (`--estimator NAME`): ESTIMATORS[NAME](args) -> (make_input, logprobs, passes), its settings
-  bound from the command line. make_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout)
-  draws the input of the whole rollout batch from `generator` (a seed gives the same masks for any split into
+- an estimator (`--estimator NAME`): ESTIMATORS[NAME](args, sampler) -> (make_input, logprobs, passes), its
+  settings bound from the command line and the rollout's sampler (steps, gen_length, block_length, ...).
+  make_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout) draws the input of the whole
+  rollout batch from `generator` (a seed gives the same masks for any split into
   micro-batches); `rollout` holds what the rollout recorded: completion_mask (N, T) and, when the sampler
   recorded it, unmask_step (N, T). logprobs(policy, estimate, rows, sequences, attention_mask,
   prompt_length) returns the per-token log-probs of the completion positions of the batch's `rows`, (n, T),
@@ -18,14 +19,21 @@ add_flags(parser) declares every method's settings; check_args(args, sampler) re
 
     python grpo.py --estimator coupled                  # DiffuCoder's coupled masks, d1's objective
     python grpo.py --objective wd1 --lr 3e-5            # wd1's weighted likelihood, d1's estimator
+    python grpo.py --estimator stepmerge --merge-chunks 4   # d2: the sampling trajectory, 4 chunks
+    python grpo.py --estimator spg --objective spg --block-length 5   # SPG: ELBO / EUBO, block-wise masks
+    python grpo.py --estimator ar --block-length 1 --diffusion-steps 20 --num-iterations 1 --beta 0 \
+        --p-mask-prompt 0 --temperature 1    # JustGRPO: left-to-right rollouts, their exact likelihood
 """
+
+import functools
+import math
 
 import torch
 
 from model import token_logprobs
 
-# name -> function(args) -> the method's pieces, and the functions that add its flags to grpo.py's command line
-# and check them (flags(parser), check(args, sampler)): each section below registers its own
+# name -> function(args[, sampler]) -> the method's pieces, and the functions that add its flags to grpo.py's
+# command line and check them (flags(parser), check(args, sampler)): each section below registers its own
 ESTIMATORS, RATIO_FREE_OBJECTIVES, FLAGS, CHECKS = {}, {}, [], []
 
 # -----------------------------------------------------------------------------
@@ -83,7 +91,7 @@ def coupled_rows_logprobs(policy, estimate, rows, sequences, attention_mask, pro
                             None if attention_mask is None else attention_mask[rows], prompt_length)
 
 
-ESTIMATORS["coupled"] = lambda args: (coupled_estimator_input, coupled_rows_logprobs, 2)
+ESTIMATORS["coupled"] = lambda args, sampler: (coupled_estimator_input, coupled_rows_logprobs, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -113,6 +121,357 @@ def wd1_loss(logp, mask, weights, num_groups):
 
 
 RATIO_FREE_OBJECTIVES["wd1"] = lambda args: (wd1_sequence_weights, wd1_loss)
+
+
+# -----------------------------------------------------------------------------
+# JustGRPO (Ni et al. 2026, "The Flexibility Trap", arXiv 2601.15165): the exact likelihood of left-to-right
+# rollouts. With --block-length 1 --diffusion-steps gen_length our sampler commits completion position t at
+# step t (a canvas's given positions are skipped), so a completion's likelihood is exactly
+#     log pi(o | q) = sum_t log p(o_t | q, o_<t, [MASK] or the canvas at positions >= t),
+# each term read from ONE forward of the state the sampler saw at step t. Their trainer reads it token by
+# token (J:grpo.py:34-50, J = LeapLabTHU/JustGRPO @ eebe50e); with --num-iterations 1 --beta 0 grpo_loss's
+# ratio is 1 and its gradient theirs, A grad log pi per token. What differs from their released trainer:
+# - normalisation: grpo_loss averages over a micro-batch's completion tokens; theirs sums every position of a
+#   row / (gen_length x the global count of rows with a non-zero advantage), accumulation steps added
+#   (J:grpo.py:31-32,50, J:train.py:184): the same direction per micro-batch, micro-batches weighed apart;
+# - the EOS mask: d1's completion mask (up to the first EOS) stays; theirs trains every position, the EOS
+#   padding after the answer included;
+# - [MASK] is left out of each token's softmax: our sampler never draws it (generate.float64_chunks), theirs
+#   can (J:utils/generate.py:88-89), so each estimate is the probability of what our sampler drew;
+# - left-padded prompts under an attention mask (theirs repeat one prompt per call, J:utils/generate.py:58);
+# - the estimate reads the policy at temperature 1: exact for --temperature 1, their rollouts' (J:grpo.py:8);
+#   at another temperature the rollouts come from softmax(logits / T), and the estimate stays the policy's;
+# - their run's settings are flags: --scale-rewards group (their (r - mean) / (std + 1e-4), J:grpo.py:58-61),
+#   --epsilon 0.2 (inert at mu 1), --num-generations 16, --temperature 1, --lr 5e-6 --weight-decay 0
+#   --max-grad-norm 1 (J:train.py:17-31).
+
+# forward rows (sequences x positions) per chunk of the estimate: their trainer's batch of one forward, the
+# 8 generations of a prompt (J:grpo.py:14); at least one position of every sequence per chunk
+AR_FORWARD_ROWS = 8
+
+
+def ar_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout):
+    """JustGRPO's template (J:grpo.py:36-37, there the completion all [MASK]): the conditioning tokens
+    (is_prompt: the prompt, a canvas's given tokens) as the sampler saw them, every action [MASK].
+    Deterministic: the generator is unused, and the prompt is never masked, since a masked prompt is not the
+    state the sampler read (p_mask_prompt must be 0). Returns (template (N, L), mask_id)."""
+    if p_mask_prompt:
+        raise ValueError(f"the ar estimator reads the prompt as the sampler saw it: p_mask_prompt must be 0, "
+                         f"not {p_mask_prompt}")
+    return torch.where(is_prompt, sequences, torch.full_like(sequences, mask_id)), mask_id
+
+
+def ar_chunk_logprobs(policy, sequences, template, attention_mask, read, mask_id):
+    """log pi(o_t | q, o_<t) of n sequences at the c absolute positions `read` (c,), from one forward of n x c
+    rows, row (i, j) the state the sampler saw before committing read[j] of sequence i: positions before it
+    from sequences, the rest from the template; the LM head runs at read[j] alone (a bool `positions` mask,
+    one True per row). JustGRPO's loop body (J:grpo.py:36-44) for c positions at once. sequences, template
+    (n, L); attention_mask (n, L) or None. Returns (n, c)."""
+    n, L = sequences.shape
+    c = len(read)
+    past = torch.arange(L, device=sequences.device)[None, :] < read[:, None]  # (c, L)
+    inputs = torch.where(past, sequences[:, None], template[:, None]).flatten(0, 1)  # (n c, L)
+    rows = torch.arange(n * c, device=sequences.device)
+    positions = torch.zeros_like(inputs, dtype=torch.bool)
+    positions[rows, read.repeat(n)] = True
+    mask = None if attention_mask is None else attention_mask.repeat_interleave(c, dim=0)
+    logits = policy(inputs, mask, positions)  # (n c, V), row by row
+    # the sampler draws from the vocabulary less [MASK]: its probability, renormalised without it
+    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
+    return token_logprobs(logits.view(n, c, -1), sequences[:, read])
+
+
+def ar_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length):
+    """The estimator interface over ar_chunk_logprobs: the exact per-token log-probs (n, T) of the batch's
+    `rows` in left-to-right order, one forward row per completion position (a canvas's given positions are
+    read too, their value unused: the completion mask drops them), max(1, AR_FORWARD_ROWS // n) positions per
+    chunk. With grad each chunk's forward is recomputed in its backward (torch.utils.checkpoint), so the
+    activations of one chunk are live at a time, as theirs backpropagates token by token (J:grpo.py:50).
+    estimate: ar_input's (template, mask_id)."""
+    template, mask_id = estimate
+    sequences, template = sequences[rows], template[rows]
+    mask = None if attention_mask is None else attention_mask[rows]
+    n, L = sequences.shape
+    per_chunk = max(1, AR_FORWARD_ROWS // n)
+    columns = []
+    for start in range(prompt_length, L, per_chunk):
+        read = torch.arange(start, min(start + per_chunk, L), device=sequences.device)
+        chunk = (policy, sequences, template, mask, read, mask_id)
+        columns.append(torch.utils.checkpoint.checkpoint(ar_chunk_logprobs, *chunk, use_reentrant=False)
+                       if torch.is_grad_enabled() else ar_chunk_logprobs(*chunk))
+    return torch.cat(columns, dim=1)
+
+
+# one forward row per completion position
+ESTIMATORS["ar"] = lambda args, sampler: (ar_input, ar_logprobs, sampler["gen_length"])
+
+
+def check_ar(args, sampler):
+    """--estimator ar is exact only for the rollouts whose order it reads: one position a step, left to
+    right, each read from the full state (LLaDA's sampler), and the prompt unmasked."""
+    if args.estimator != "ar":
+        return
+    gen_length = sampler["gen_length"]
+    if args.p_mask_prompt:
+        raise SystemExit(f"--estimator ar reads the prompt as the sampler saw it: pass --p-mask-prompt 0 "
+                         f"(not {args.p_mask_prompt})")
+    if sampler["block_length"] != 1 or sampler["steps"] != gen_length:
+        raise SystemExit(f"--estimator ar is the exact likelihood of left-to-right rollouts, one position a "
+                         f"step: pass --block-length 1 --diffusion-steps {gen_length} (now block length "
+                         f"{sampler['block_length']}, {sampler['steps']} steps)")
+    if sampler["cache"] != "none" or sampler["threshold"] is not None:
+        raise SystemExit("--estimator ar is checked against LLaDA's sampler, and at block length 1 a cache "
+                         "or a threshold saves no forward pass: drop --rollout-cache and --rollout-threshold")
+
+
+CHECKS.append(check_ar)
+
+
+# -----------------------------------------------------------------------------
+# d2-StepMerge (Wang, Turok, Schiff, Arriola, Kuleshov 2025, "d2"): the sampler's trajectory, chunk by chunk
+
+
+# d2's N in its released GSM8K run: 128 steps over 8 blocks of 32, so a chunk is one block's 16 steps
+MERGE_CHUNKS = 8
+
+
+def merge_boundaries(steps, num_chunks):
+    """[s_0, ..., s_K]: chunk k holds the tokens committed at steps s_k < g <= s_{k+1}. d2's segments,
+    int(k * (steps / N)) for 0 < k < N, written as d2 writes them (d2StepMergeTrainer.generate,
+    diffu_grpo_trainer.py L804), with s_0 = 0 and s_K = steps."""
+    return [0] + [int(k * (steps / num_chunks)) for k in range(1, num_chunks)] + [steps]
+
+
+def stepmerge_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, *, unmask_step, steps,
+                    num_chunks, **rollout):
+    """d2-StepMerge's inputs (d2, arXiv 2509.21474; d2StepMergeTrainer.generate and
+    _get_per_token_logps_oldandref): the rollout's trajectory cut into K = num_chunks chunks of steps. State k
+    is the sampler's x after s_k steps (merge_boundaries): the completion tokens committed by then visible,
+    the rest masked. A sampler never changes a committed token, so state k is where(g <= s_k, o, MASK) on the
+    action positions, g = unmask_step, the commit step the rollout recorded (generate's record). The
+    conditioning tokens (prompt, canvas cells: is_prompt) are masked with p_mask_prompt from the same draw
+    as grpo.estimator_input, shared by the K states (d2 L993-1004), so K = 1 is d1's estimator bit for bit.
+    sequences, is_prompt (N, L); unmask_step (N, T), 0 on canvas cells; steps: the rollout's. Returns
+    (states (K, N, L), chunk (N, T)): chunk[i] = k whose state reads token i (canvas cells: 0)."""
+    u = torch.rand(sequences.shape, generator=generator).to(sequences.device)  # estimator_input's draw
+    prompt_masked = is_prompt & (u < p_mask_prompt)
+    step = torch.zeros_like(sequences)
+    step[:, sequences.shape[1] - unmask_step.shape[1]:] = unmask_step  # (N, L), 0 on the prompt
+    bounds = merge_boundaries(steps, num_chunks)
+    states = torch.stack([torch.where(prompt_masked | (~is_prompt & (step > s)), mask_id, sequences)
+                          for s in bounds[:-1]])  # (K, N, L)
+    # bucketize: the i with bounds[i - 1] < g <= bounds[i], so chunk i - 1; a canvas cell's g = 0 goes to 0
+    chunk = torch.bucketize(unmask_step, torch.tensor(bounds, device=unmask_step.device)) - 1
+    return states, chunk.clamp(min=0)
+
+
+def stepmerge_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length):
+    """d2-StepMerge's per-token log-probs of the batch's `rows` (n, T) (d2's _get_per_token_logps_oldandref,
+    diffu_grpo_trainer.py L981-1020): token i of chunk k read from state k, log p(o_i | state_k), so that
+        log pi(o | q) ~ sum_k sum_{i in chunk k} log p(o_i | z_{s_k})
+    merges the sampler's steps s_k < g <= s_{k+1} into one step from the chunk's first state. One forward per
+    chunk, K passes per sequence, each d1's pass on its state. grpo_loss on these is d2's compute_loss
+    (L688-750): d2 runs one chunk per micro-step with loss x N / sum(c) and averages the N micro-steps, the
+    same sum over tokens. d2 backprops each chunk on its own; here a micro-batch holds its K passes'
+    activations and logits until its backward, K x d1's (--grad-checkpointing, or more
+    --gradient-accumulation-steps; --dry-run measures it)."""
+    states, chunk = estimate
+    mask = None if attention_mask is None else attention_mask[rows]
+    targets, chunk = sequences[rows, prompt_length:], chunk[rows]  # (n, T) each
+    logp = None
+    for k in range(len(states)):  # no chunk skipped when empty: every rank runs K passes (FSDP)
+        logits = policy(states[k, rows], mask, slice(prompt_length, None))  # (n, T, V)
+        logp_k = token_logprobs(logits, targets)
+        logp = logp_k if logp is None else torch.where(chunk == k, logp_k, logp)  # K = 1: d1's, untouched
+    return logp
+
+
+ESTIMATORS["stepmerge"] = lambda args, sampler: (
+    functools.partial(stepmerge_input, steps=sampler["steps"], num_chunks=args.merge_chunks),
+    stepmerge_logprobs, args.merge_chunks)
+
+
+def stepmerge_flags(parser):
+    """--merge-chunks, in grpo.py's command line."""
+    parser.add_argument("--merge-chunks", type=int, default=MERGE_CHUNKS,
+                        help="K, d2-StepMerge's N (--estimator stepmerge): the rollout's steps cut into K "
+                             "chunks, one forward pass each (d2: 8 for 256 tokens / 128 steps)")
+
+
+def stepmerge_check(args, sampler):
+    """Refuse threshold rollouts (no fixed step index) and a K that cannot cut the rollout's steps."""
+    if args.estimator != "stepmerge":
+        return
+    if sampler["threshold"] is not None:
+        raise SystemExit("--estimator stepmerge reads each token's commit step, and --rollout-threshold "
+                         "runs a varying number of steps per block: drop --rollout-threshold (a "
+                         "--rollout-cache is fine)")
+    if not 1 <= args.merge_chunks <= sampler["steps"]:
+        raise SystemExit(f"--merge-chunks {args.merge_chunks}: chunks of the rollout's {sampler['steps']} "
+                         f"steps, so 1 to {sampler['steps']} (or raise --diffusion-steps)")
+
+
+FLAGS.append(stepmerge_flags)
+CHECKS.append(stepmerge_check)
+
+
+# -----------------------------------------------------------------------------
+# SPG, sandwiched policy gradient (Wang et al. 2025, arXiv 2510.09541): ratio-free; a completion of positive
+# advantage raises a lower bound of its log-likelihood (the ELBO), one of advantage <= 0 lowers a mix of that
+# and an upper bound (the EUBO), both read from m block-wise masked samples. The line numbers below are
+# facebookresearch/SPG @ a1c7120, spg/spg_trainer.py.
+
+
+
+def spg_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, *, completion_mask, block_length,
+              num_samples, min_t=0.0, max_t=1.0, **rollout):
+    """SPG's block-wise masking, forward_process with forward_type "block_random" (spg_trainer.py L334-378),
+    m = num_samples samples per sequence. The completion is cut into gen_length / block_length blocks; per
+    sequence a permutation of the block slots, taken modulo the number of blocks holding completion tokens,
+    gives sample j its block k (L342-345). Sample j masks, of the action tokens (~is_prompt):
+      - in block k, n of its ml completion tokens, n ~ U{max(int(ml min_t), 1) .. min(int(ml max_t), ml)},
+        chosen uniformly (L353-362): the block being denoised, at a random noise level;
+      - every one in the blocks after k (L350) and every one after the completion (its first EOS; L370-377);
+      - in the blocks before k, each with probability p_mask_prompt, as SPG's released code does: its
+        prompt masking reads ~is_mask, the prompt and the earlier blocks (L374), so the blocks the paper
+        calls clean are noised like the prompt;
+    and each conditioning token (is_prompt: the prompt and a canvas's given cells, wherever they lie) with
+    probability p_mask_prompt, as d1's estimator does. A canvas cell is never one of a block's ml tokens, and
+    k runs over the blocks holding a completion token (without a canvas: SPG's 0 .. cnb - 1). Every masked
+    completion token is counted, in any block, as SPG's loss counts them (its block_mask, L347-352, is never
+    read). With block_length = gen_length and min_t = max_t = 1 this is d1's input, the same draw at m = 1.
+    SPG's randperm and randint loops become sorts and scalings of uniforms: the same laws, without
+    data-dependent shapes (the dry run's fake tensors). sequences, is_prompt (N, L), completion_mask (N, T);
+    all randomness on the CPU from `generator`. Returns a dict: inputs (m, N, L); counted (m, N, T),
+    M = masked & completion_mask; t (m, N, 1), each sample's empirical masking ratio sum_i M_i / L_b (L534);
+    length (N, 1), L_b; block (m, N), k (-1 where no block holds a completion token)."""
+    N, L = sequences.shape
+    T, m, device = completion_mask.shape[1], num_samples, sequences.device
+    P, num_blocks = L - T, T // block_length
+
+    def uniform(*shape):  # on the CPU from `generator`: the same draw on any device
+        return torch.rand(shape, generator=generator).to(device)
+
+    u = uniform(m, N, L)  # drawn first: at m = 1 the draw of d1's estimator_input
+    slot_keys, count_keys, pick_keys = uniform(N, num_blocks), uniform(m, N, 1), uniform(m, N, T)
+    completion, action = completion_mask.bool(), ~is_prompt[:, P:]  # (N, T) each
+    position = torch.arange(T, device=device)
+    end = torch.where(completion, position + 1, 0).amax(dim=1, keepdim=True)  # (N, 1): after the first EOS
+    # k: slot j of a random permutation of the block slots, modulo the count of blocks holding a completion
+    # token, names the slot-th of those blocks
+    holding = completion.view(N, num_blocks, block_length).any(dim=2)  # (N, nb)
+    count = holding.sum(dim=1, keepdim=True)  # (N, 1), SPG's cnb
+    slots = slot_keys.argsort(dim=1)[:, :m] % count.clamp(min=1)  # (N, m)
+    named = holding.unsqueeze(1) & ((holding.cumsum(dim=1) - 1).unsqueeze(1) == slots.unsqueeze(2))
+    block = torch.where(count > 0, named.float().argmax(dim=2), -1).T  # (m, N)
+    # block k: n ~ U{low..high} of its ml completion tokens, the n whose keys sort first
+    candidates = completion & (position // block_length == block.unsqueeze(2))  # (m, N, T)
+    ml = candidates.sum(dim=2, keepdim=True)  # (m, N, 1)
+    low, high = (ml * min_t).floor().clamp(min=1), torch.minimum((ml * max_t).floor(), ml)
+    n_mask = low + (count_keys * (high - low + 1)).floor()
+    rank = torch.where(candidates, pick_keys, 2.0).argsort(dim=2).argsort(dim=2)  # candidates rank first
+    chosen = candidates & (rank < n_mask)
+    later = position >= (block.unsqueeze(2) + 1) * block_length  # (m, N, T)
+    earlier = position < block.unsqueeze(2) * block_length
+    forced = chosen | (action & (later | (position >= end)))  # actions only: a canvas cell is conditioning
+    noised = is_prompt.expand(m, N, L).clone()
+    noised[..., P:] |= earlier & action
+    masked = noised & (u < p_mask_prompt)
+    masked[..., P:] |= forced
+    counted = masked[..., P:] & completion  # (m, N, T)
+    length = completion.sum(dim=1, keepdim=True)  # (N, 1)
+    t = counted.sum(dim=2, keepdim=True) / length.clamp(min=1)  # (m, N, 1)
+    return {"inputs": torch.where(masked, mask_id, sequences), "counted": counted, "t": t, "length": length,
+            "block": block}
+
+
+def spg_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length, *, eubo_beta):
+    """Per-token terms of SPG's two bounds on log pi(o | q) for the batch's `rows`, from ONE forward of their
+    m samples (_get_per_seq_logps, L433-559). With M_ij the counted mask of sample j and t_j its ratio:
+      channel 0, the ELBO (L520-532, L544): (1/m) sum_j M_ij logp_ij / t_j, whose sum over the completion is
+        L_b (1/m) sum_j (sum_i M_ij logp_ij / sum_i M_ij), L_b x SPG's per_seq_logps;
+      channel 1, the EUBO (the paper's Sec. 3; L533-546): K_i log(a_i) / beta x L_b / sum_i K_i, with
+        a_i = (1/m) sum_j M_ij p_ij^beta / t_j and K_i = 1[a_i > 0] (masked in some sample), whose sum is
+        L_b x SPG's per_seq_logps_negative under "eubo".
+    a_i is taken in log space in fp32 (SPG: softmax in the logits' dtype, then pow), and a token masked in no
+    sample reads 0 on both channels with a zero, not NaN, gradient. Returns (n, 2, T) in fp32."""
+    inputs = estimate["inputs"][:, rows]  # (m, n, L)
+    m, n, L = inputs.shape
+    mask = None if attention_mask is None else attention_mask[rows].repeat(m, 1)
+    logits = policy(inputs.reshape(m * n, L), mask, slice(prompt_length, None))  # (m n, T, V)
+    logp = token_logprobs(logits, sequences[rows, prompt_length:].repeat(m, 1)).view(m, n, -1).float()
+    counted, t = estimate["counted"][:, rows], estimate["t"][:, rows].float()  # (m, n, T), (m, n, 1)
+    t = torch.where(t > 0, t, torch.ones_like(t))  # t = 0 only where nothing is counted
+    elbo = (counted * logp / t).mean(dim=0)  # (n, T)
+    # log a_i = logsumexp_j(beta logp_ij - log t_j over the samples masking i) - log m; a token masked in no
+    # sample gets zeros in place of -inf (logsumexp of all -inf has a NaN gradient) and reads 0 below
+    read = counted.any(dim=0)  # K (n, T)
+    log_terms = torch.where(counted, eubo_beta * logp - torch.log(t), -math.inf)
+    log_a = torch.logsumexp(torch.where(read, log_terms, 0.0), dim=0) - math.log(m)  # (n, T)
+    scale = estimate["length"][rows].float() / read.sum(dim=1, keepdim=True).clamp(min=1)  # L_b / sum_i K_i
+    eubo = torch.where(read, log_a, 0.0) * scale / eubo_beta
+    return torch.stack([elbo, eubo], dim=1)
+
+
+def spg_sequence_weights(advantages, num_generations):
+    """SPG's advantages are d1's, A = r - mean of the group without the std (L717-720): (N, 1) unchanged."""
+    return advantages
+
+
+def spg_loss(logp, mask, weights, num_groups, *, omega):
+    """SPG's loss (compute_loss, L87-126; the bound per sign, L545-556): per row S_b = L_b x the ELBO when
+    A_b > 0, else L_b x (omega EUBO + (1 - omega) ELBO) (omega 1: "eubo", mix_weight: "mix", 0: "elbo");
+        loss = -sum_b A_b S_b / sum_b L_b,
+    normalised, as SPG's, by the micro-batch's completion tokens (num_groups unused). logp (n, 2, T) of
+    spg_logprobs, mask (n, T) of 0/1, weights (n, 1) = A."""
+    elbo = (logp[:, 0] * mask).sum(dim=1, keepdim=True)  # (n, 1)
+    eubo = (logp[:, 1] * mask).sum(dim=1, keepdim=True)
+    bound = torch.where(weights > 0, elbo, omega * eubo + (1 - omega) * elbo)
+    return -(weights * bound).sum() / mask.sum().clamp(min=1)
+
+
+# --spg-bound -> omega, the EUBO's share in the bound of a completion with A <= 0 (SPG's logp_estimation);
+# None: --spg-mix-weight
+SPG_EUBO_WEIGHT = {"eubo": 1.0, "mix": None, "elbo": 0.0}
+
+
+def spg_flags(parser):
+    """SPG's settings; the released runs: --spg-bound mix, --spg-samples 2, --block-length 32."""
+    add = parser.add_argument
+    add("--spg-bound", default="mix", choices=list(SPG_EUBO_WEIGHT),
+        help="SPG: the bound of a completion with advantage <= 0: the EUBO, a mix with the ELBO, or the ELBO")
+    add("--spg-mix-weight", type=float, default=0.5, help="SPG: the EUBO's weight in --spg-bound mix")
+    add("--spg-eubo-beta", type=float, default=1.5, help="SPG: the EUBO's beta (released 1.5; countdown 2.0)")
+    add("--spg-samples", type=int, default=2,
+        help="SPG: m, masked samples (forward rows) per sequence, at most gen_length / block_length")
+
+
+def spg_check(args, sampler):
+    """Refuse half of SPG (its estimator or its objective alone) and settings its masks cannot draw."""
+    if (args.objective == "spg") != (args.estimator == "spg"):
+        raise SystemExit("--objective spg reads the two bounds that --estimator spg computes, and nothing "
+                         "else reads them: pass --estimator spg --objective spg together, or neither")
+    if args.estimator != "spg":
+        return
+    num_blocks = sampler["gen_length"] // sampler["block_length"]
+    if not 1 <= args.spg_samples <= num_blocks:  # SPG asserts num_t <= num_blocks (L341)
+        raise SystemExit(f"--spg-samples {args.spg_samples}: SPG draws each sample's block from the "
+                         f"{num_blocks} block(s) of {sampler['block_length']} tokens without replacement; "
+                         f"pass 1 to {num_blocks}, or a smaller --block-length")
+    if args.spg_eubo_beta <= 0:
+        raise SystemExit(f"--spg-eubo-beta {args.spg_eubo_beta}: the EUBO's beta must be > 0")
+    if not 0 <= args.spg_mix_weight <= 1:
+        raise SystemExit(f"--spg-mix-weight {args.spg_mix_weight}: a weight in [0, 1]")
+
+
+ESTIMATORS["spg"] = lambda args, sampler: (  # SPG masks the sampler's blocks
+    functools.partial(spg_input, block_length=sampler["block_length"], num_samples=args.spg_samples),
+    functools.partial(spg_logprobs, eubo_beta=args.spg_eubo_beta), args.spg_samples)
+RATIO_FREE_OBJECTIVES["spg"] = lambda args: (spg_sequence_weights, functools.partial(
+    spg_loss, omega=args.spg_mix_weight if SPG_EUBO_WEIGHT[args.spg_bound] is None
+    else SPG_EUBO_WEIGHT[args.spg_bound]))
+FLAGS.append(spg_flags)
+CHECKS.append(spg_check)
 
 
 # -----------------------------------------------------------------------------

@@ -100,14 +100,17 @@ def dry_run(args, micro, accumulation, world_size):
     in the dtypes and autocast of a CUDA run. Prints each phase's peak memory, FLOPs and H100 time; returns
     the exit status."""
     if args.model in M.PRESETS:
-        tokenizer, config = C.build_tiny_tokenizer(), M.PRESETS[args.model]
+        tokenizer = C.build_tiny_tokenizer()
+        config = C.preset_config(args.model, tokenizer)
     elif os.path.isdir(args.model):
         tokenizer, config = dryrun.checkpoint_shape(args.model)
     else:
         return f"--model {args.model!r} is neither a checkpoint folder nor a preset"
     L, P, lora = args.max_seq_length, args.dry_run_prompt_tokens, args.lora_r > 0
     notes = [f"one rank: a micro-batch of {micro} x {L} tokens, prompts of {P}, x {accumulation} accumulated",
-             "t = 1: every response token masked (the loss's worst case)"]
+             "t = 1: every response token masked (the loss's worst case)",
+             "AdamW's moments live from the start (a second step's view), and the gradients too when a step "
+             "accumulates micro-batches"]
     input_ids = torch.full((micro, L), tokenizer.eos_token_id)
     prompt_lengths = torch.full((micro,), P)
     noise = (torch.ones(micro), torch.zeros(micro, L))  # t = 1 and u = 0: p = 1 everywhere
@@ -123,6 +126,7 @@ def dry_run(args, micro, accumulation, world_size):
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, args.adam_beta2),
                                       weight_decay=args.weight_decay, foreach=True)  # CUDA's default
+        dryrun.materialise_optimizer_state(optimizer, trainable, keep_grads=accumulation > 1)
 
         def optimiser_step(*_):  # the micro-batch's phase ends where the optimiser's begins
             run.end()
@@ -218,8 +222,6 @@ if __name__ == "__main__":
     ddp.print0(f"args: {json.dumps(vars(args))}")
     ddp.print0(f"world {world_size} | global batch {args.batch_size} = {micro} per micro-batch x "
                f"{accumulation} accumulation x {world_size} ranks | device {device}")
-    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
-        raise SystemExit(dry_run(args, micro, accumulation, world_size))
 
     # -----------------------------------------------------------------------------
     # Model and tokenizer
@@ -227,6 +229,13 @@ if __name__ == "__main__":
     if args.fsdp and (args.lora_r > 0 or world_size == 1):
         raise SystemExit("--fsdp shards full fine-tuning over 2 or more torchrun processes: drop --lora-r "
                          "(LoRA's states are small; DDP replicates them) and launch with torchrun")
+    if args.lora_r > 0 and args.model in M.PRESETS:
+        raise SystemExit("--lora-r needs a pretrained base: pass --model CHECKPOINT_DIR "
+                         "(a preset starts from random weights)")
+    if args.dry_run:  # the first step on fake tensors at the checkpoint's shape, then stop
+        if ddp.is_distributed():
+            raise SystemExit("--dry-run runs as one process: python sft.py --dry-run --dry-run-world-size N")
+        raise SystemExit(dry_run(args, micro, accumulation, world_size))
     if device.type == "cuda" and args.lora_r == 0:  # refuse before loading what cannot fit
         M.check_full_finetuning_fits(M.config_parameters(M.PRESETS[args.model] if args.model in M.PRESETS
                                                          else C.read_config(args.model)),
@@ -245,9 +254,6 @@ if __name__ == "__main__":
         raise SystemExit(f"--model {args.model!r} is neither a checkpoint folder nor a preset "
                          f"({', '.join(M.PRESETS)})")
     if args.lora_r > 0:
-        if args.model in M.PRESETS:
-            raise SystemExit("--lora-r needs a pretrained base: pass --model CHECKPOINT_DIR "
-                             "(a preset starts from random weights)")
         M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
                    tuple(args.lora_targets.split(",")), args.seed)
     model.gradient_checkpointing = args.grad_checkpointing

@@ -83,7 +83,7 @@ print(f"{N} rollouts ({args.prompts} prompts x G={args.num_generations}) from {a
 
 
 def estimate(estimator, seed):
-    make_input, logprobs, _ = grpo.ESTIMATORS[estimator](args)
+    make_input, logprobs, _ = grpo.ESTIMATORS[estimator](args, sampler)
     estimated = make_input(sequences, is_prompt, args.p_mask_prompt, mask_id,
                            torch.Generator().manual_seed(seed))
     return logprobs(model, estimated, slice(None), sequences, attention_mask, prompt_length)
@@ -161,7 +161,7 @@ old_passes = mu if mu > 1 else 0
 print(f"\nforward passes over the {N} rollouts per rollout batch (mu {mu}, beta {args.beta}): "
       "old, reference and current for grpo, the current alone for wd1; "
       "coupled reads two passes where d1 reads one")
-for estimator, passes in ((name, grpo.ESTIMATORS[name](args)[2]) for name in STUDIED):
+for estimator, passes in ((name, grpo.ESTIMATORS[name](args, sampler)[2]) for name in STUDIED):
     print(f"  {estimator:>7} + grpo: {passes * (old_passes + reference_passes + mu):3d} "
           f"({passes * mu} with backward) | {estimator:>7} + wd1: {passes * mu:3d} "
           f"({passes * mu} with backward)")
