@@ -387,6 +387,35 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
     return dryrun.finish(run, args.dry_run_gpu_memory, notes)
 
 
+def check_arguments(args):
+    """The defaults that depend on other flags, filled in, and the settings that cannot run, refused with a
+    message that says what to do. Returns the warm-up's optimiser steps."""
+    if args.objective != "grpo":  # ratio-free: no ratio to clip, no KL, no reference: those flags do nothing
+        for flag, value in (("--beta", args.beta), ("--epsilon", args.epsilon),
+                            ("--epsilon-high", args.epsilon_high), ("--sync-ref-every", args.sync_ref_every)):
+            if value:
+                raise SystemExit(f"{flag} does not apply to --objective {args.objective}: it has no ratio, "
+                                 f"no KL term and no reference policy. Drop {flag}, or use --objective grpo.")
+        args.beta = 0.0
+    else:
+        args.beta = 0.04 if args.beta is None else args.beta
+        args.epsilon = 0.5 if args.epsilon is None else args.epsilon
+    if args.warmup_ratio and args.warmup_steps is not None:
+        raise SystemExit("give --warmup-steps or --warmup-ratio, not both")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise SystemExit(f"--warmup-ratio {args.warmup_ratio}: a share of the run's optimiser steps, 0 to 1")
+    if args.log_every < 1:
+        raise SystemExit(f"--log-every {args.log_every}: print every N >= 1 steps")
+    if args.max_prompt_length < 0:
+        raise SystemExit(f"--max-prompt-length {args.max_prompt_length}: a number of tokens, 0 = all")
+    if args.rollout_threshold is not None and not 0 < args.rollout_threshold <= 1:
+        raise SystemExit(f"--rollout-threshold {args.rollout_threshold}: a confidence in (0, 1]")
+    if args.warmup_ratio:  # HF's get_warmup_steps, over this run's optimiser steps
+        return math.ceil(args.warmup_ratio * args.max_steps * args.num_iterations)
+    args.warmup_steps = 5 if args.warmup_steps is None else args.warmup_steps
+    return args.warmup_steps
+
+
 # -----------------------------------------------------------------------------
 # The driver: what follows runs as `python grpo.py` (or under torchrun), never on import
 
@@ -451,31 +480,8 @@ if __name__ == "__main__":
     objectives.add_flags(parser)  # the settings of the estimators and objectives beyond d1
     dryrun.add_flags(parser)
     args = parser.parse_args()
+    warmup_steps = check_arguments(args)
     ratio_free = args.objective != "grpo"
-    if ratio_free:  # no ratio to clip, no KL term, no reference policy: their flags would do nothing
-        for flag, value in (("--beta", args.beta), ("--epsilon", args.epsilon),
-                            ("--epsilon-high", args.epsilon_high), ("--sync-ref-every", args.sync_ref_every)):
-            if value:
-                raise SystemExit(f"{flag} does not apply to --objective {args.objective}: it has no ratio, "
-                                 f"no KL term and no reference policy. Drop {flag}, or use --objective grpo.")
-        args.beta = 0.0
-    else:
-        args.beta = 0.04 if args.beta is None else args.beta
-        args.epsilon = 0.5 if args.epsilon is None else args.epsilon
-    if args.warmup_ratio and args.warmup_steps is not None:
-        raise SystemExit("give --warmup-steps or --warmup-ratio, not both")
-    if not 0 <= args.warmup_ratio <= 1:
-        raise SystemExit(f"--warmup-ratio {args.warmup_ratio}: a share of the run's optimiser steps, 0 to 1")
-    if args.warmup_ratio:  # HF's get_warmup_steps, over this run's optimiser steps
-        warmup_steps = math.ceil(args.warmup_ratio * args.max_steps * args.num_iterations)
-    else:
-        args.warmup_steps = warmup_steps = 5 if args.warmup_steps is None else args.warmup_steps
-    if args.log_every < 1:
-        raise SystemExit(f"--log-every {args.log_every}: print every N >= 1 steps")
-    if args.max_prompt_length < 0:
-        raise SystemExit(f"--max-prompt-length {args.max_prompt_length}: a number of tokens, 0 = all")
-    if args.rollout_threshold is not None and not 0 < args.rollout_threshold <= 1:
-        raise SystemExit(f"--rollout-threshold {args.rollout_threshold}: a confidence in (0, 1]")
 
     # -----------------------------------------------------------------------------
     # Distributed init and the batch arithmetic
@@ -610,6 +616,16 @@ if __name__ == "__main__":
         prompt_length, t_rollout = sequences.shape[1] - gen_length, time.time() - t0
         # 2-3. rewards and group-relative advantages
         reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
+        igpo_stats = {}  # IGPO (objectives.py): the groups with no correct completion, sampled with hints
+        if args.inpaint_zero_std_groups:
+            with ddp.unsharded(model), M.autocast(device):  # FSDP: ranks regenerate different group counts
+                sequences, completion_mask, texts, _, igpo_stats = objectives.inpaint_zero_std_groups(
+                    model, tokenizer, records, (sequences, attention_mask, canvas, completion_mask, texts),
+                    objectives.correctness(args.task), sampler, num_generations=args.num_generations,
+                    mask_id=mask_id, noise_seed=(args.seed, step, rank),
+                    batch_size=args.generation_batch_size, stats=sampler_stats,
+                    **objectives.igpo_settings(args, sampler))
+            reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
         advantages = group_advantages(reward, args.num_generations, args.scale_rewards)  # (N, 1)
         batch = {"sequences": sequences, "attention_mask": attention_mask, "prompt_length": prompt_length,
                  "completion_mask": completion_mask, "advantages": advantages.to(device),
@@ -642,7 +658,7 @@ if __name__ == "__main__":
 
         # metrics, all-reduced over ranks; evaluation; one line; checkpoints and a SIGTERM stop
         local = {**rollout_metrics(reward, per_function, completion_mask, attention_mask, prompt_length,
-                                   args.num_generations), **stats}
+                                   args.num_generations), **stats, **igpo_stats}
         record = {"step": step + 1, **ddp.all_reduce_mean(local), "lr": lrs[-1], "rollout_s": t_rollout,
                   "update_s": t_update, "tok_per_s": rollouts_per_rank * world_size * gen_length / dt,
                   "rollout_forward_passes_per_token": forward_passes_per_token(sampler_stats)}  # rank 0's

@@ -16,6 +16,8 @@ Two small interfaces, so that a new method adds a section here and moves nothing
   sequence_weights(advantages (N, 1), num_generations) -> (N, 1) once per rollout batch, and
   loss(logp, mask, weights, num_groups) the micro-batch's loss; it needs no old and no reference log-probs.
 add_flags(parser) declares every method's settings; check_args(args, sampler) refuses what cannot work.
+IGPO is neither: a rollout option (--inpaint-zero-std-groups) whose inpaint_zero_std_groups grpo.py calls
+once a step's completions are scored.
 
     python grpo.py --estimator coupled                  # DiffuCoder's coupled masks, d1's objective
     python grpo.py --objective wd1 --lr 3e-5            # wd1's weighted likelihood, d1's estimator
@@ -23,6 +25,7 @@ add_flags(parser) declares every method's settings; check_args(args, sampler) re
     python grpo.py --estimator spg --objective spg --block-length 5   # SPG: ELBO / EUBO, block-wise masks
     python grpo.py --estimator ar --block-length 1 --diffusion-steps 20 --num-iterations 1 --beta 0 \
         --p-mask-prompt 0 --temperature 1    # JustGRPO: left-to-right rollouts, their exact likelihood
+    python grpo.py --inpaint-zero-std-groups             # IGPO: all-wrong groups sampled again with hints
 """
 
 import functools
@@ -30,6 +33,9 @@ import math
 
 import torch
 
+import data
+import rewards
+from generate import generate, read_completions
 from model import token_logprobs
 
 # name -> function(args[, sampler]) -> the method's pieces, and the functions that add its flags to grpo.py's
@@ -472,6 +478,287 @@ RATIO_FREE_OBJECTIVES["spg"] = lambda args: (spg_sequence_weights, functools.par
     else SPG_EUBO_WEIGHT[args.spg_bound]))
 FLAGS.append(spg_flags)
 CHECKS.append(spg_check)
+
+
+# -----------------------------------------------------------------------------
+# IGPO, inpainting-guided policy optimisation (Zhao et al. 2025, "Inpainting-Guided Policy Optimization for
+# Diffusion Large Language Models", arXiv 2509.10396): a group whose completions are all wrong has no
+# advantage and no gradient, so it is sampled again with chunks of the reference answer written into the
+# completion (hints the sampler keeps), and up to max_replacements of its failed rows become correct hinted
+# ones. The line numbers below are facebookresearch/igpo @ e85eaea (I:), trainer_igpo.py and
+# utils/generate.py. What differs from their released code, and why:
+# - a group is regenerated when none of its completions is correct (their all_wrong reads the device's batch,
+#   I:trainer_igpo.py:1282-1286,1420-1422, which their run makes one group: per-device batch 8 = G 8);
+# - every draw (ratios, chunks, the pick of the correct rows) comes from a torch.Generator of
+#   (seed, step, rank, group), theirs from the global `random` and torch RNGs (the same laws);
+# - their sampler ends every row early when a block is all <|endoftext|> (I:utils/generate.py:911-920); ours
+#   samples every position, for the hinted rows as for the plain ones;
+# - the 30-token free tail (I:utils/generate.py:502) is at most a third of gen_length: the tiny task's 20
+#   tokens would otherwise leave no room for a hint;
+# - an infilling task's canvas is merged under the hints (its given tokens win): theirs has no canvas;
+# - the loss keeps d1's completion mask (up to the first EOS); theirs trains every position
+#   (I:trainer_igpo.py:617,681-686), and reads the hints' entropies from its old-policy pass (mu > 1 only),
+#   here from a pass of their estimator's input (below).
+
+# IGPO's run (I:run_igpo.sh:5,147-148,156; max_spacing from I:trainer_igpo.py:877 and its config default)
+INPAINT_RATIO_RANGE = (0.2, 0.6)  # the share of chunks revealed, r ~ U(low, high), sorted within the group
+INPAINT_CHUNK_SIZES = (5, 10)     # chunk lengths in tokens, inclusive
+INPAINT_FREE_TAIL = 30            # the last completion positions never hinted
+INPAINT_MAX_SPACING = 100         # the cap on a stretched gap between two revealed chunks
+INPAINT_MAX_REPLACEMENTS = 4      # failed rows of a group replaced by correct hinted ones, at most
+INPAINT_ENTROPY_KEEP = 0.2        # the share of a row's hint tokens kept in the loss, by entropy
+# a tag in the generators' seeds: (seed, step, rank, IGPO_STREAM, ...) never meets the rollout's
+# (seed, step, rank, batch) streams
+IGPO_STREAM = 0x16B0
+
+
+def hint_chunks(num_tokens, inpaint_ratio, generator, min_chunk=5, max_chunk=10, reveal_last=True):
+    """IGPO's chunking (create_spacing_scaled_inpainting_sequence, I:utils/generate.py:551-594): the first
+    num_tokens reference tokens cut from the start into chunks of min_chunk..max_chunk tokens (a remainder
+    shorter than min_chunk dropped, never revealed), int(n (1 - inpaint_ratio)) of the n chunks hidden, drawn
+    uniformly without replacement, and the last chunk revealed whatever the draw (their
+    inpaint_last_chunk_end, True as called, I:utils/generate.py:799-815). Returns the revealed (start, end)
+    in order."""
+    chunks, i = [], 0
+    while i < num_tokens:
+        size = min(int(torch.randint(min_chunk, max_chunk + 1, (1,), generator=generator)), num_tokens - i)
+        if size < min_chunk:  # theirs: too short a chunk is hard to inpaint
+            break
+        chunks.append((i, i + size))
+        i += size
+    hidden = set(torch.randperm(len(chunks), generator=generator)[:int(len(chunks) * (1 - inpaint_ratio))]
+                 .tolist())
+    return [c for k, c in enumerate(chunks) if k not in hidden or (reveal_last and k == len(chunks) - 1)]
+
+
+def place_hints(ref_ids, revealed, gen_length, free_tail, mask_id, max_spacing=INPAINT_MAX_SPACING):
+    """IGPO's placement (scale_chunk_positions and its caller, I:utils/generate.py:520-524,597-640,671-724):
+    the revealed chunks of ref_ids written into an all-[MASK] completion (gen_length,), stretched by
+    s = clamp(effective / len(ref_ids), 1, 1.5) over the effective region effective = gen_length - free_tail:
+    the first chunk at int(start s), each next one after the previous placed end by its original gap times s,
+    capped at max_spacing; a chunk that crosses the effective region is cut there, and the chunks after it
+    dropped."""
+    effective = max(0, gen_length - free_tail)
+    hints = torch.full((gen_length,), mask_id, dtype=torch.long)
+    if not ref_ids:
+        return hints
+    scale = min(1.5, max(1.0, effective / len(ref_ids)))  # the whole reference's length, as theirs
+    placed_end = original_end = None
+    for start, end in revealed:
+        if placed_end is None:
+            at = int(start * scale)
+        else:  # the original gap from the previous revealed chunk, stretched, capped
+            at = placed_end + min(int((start - original_end) * scale), max_spacing)
+        if at >= effective:
+            break
+        placed_end, original_end = min(at + end - start, effective), end
+        hints[at:placed_end] = torch.tensor(ref_ids[start:start + placed_end - at])
+    return hints
+
+
+def hint_canvas(ref_ids, inpaint_ratio, gen_length, free_tail, mask_id, generator,
+                chunk_sizes=INPAINT_CHUNK_SIZES, max_spacing=INPAINT_MAX_SPACING):
+    """One row's hints (gen_length,): hint_chunks over the reference cut to the effective region
+    (I:utils/generate.py:533-534), then place_hints."""
+    num_tokens = min(len(ref_ids), max(0, gen_length - free_tail))
+    revealed = hint_chunks(num_tokens, inpaint_ratio, generator, *chunk_sizes) if num_tokens else []
+    return place_hints(ref_ids, revealed, gen_length, free_tail, mask_id, max_spacing)
+
+
+def hint_entropy(model, sequences, attention_mask, given, prompt_length, mask_id):
+    """The policy's predictive entropy -sum_v p_v log p_v at each completion position (n, T), fp32, one row
+    at a time, read from IGPO's estimator input (d1_masking: every completion token masked, hints included,
+    the prompt clean, I:trainer_igpo.py:962-978,1005): their per-token entropy (I:trainer_igpo.py:1119-1125).
+    Their mu inputs are all that one input, so one filter is theirs at every inner iteration; d1's estimator
+    also masks prompt tokens (p_mask_prompt), which this pass does not. One forward per replaced row.
+    sequences (n, L); given (n, T): a canvas's given tokens, kept; attention_mask (n, L) or None."""
+    completion = sequences[:, prompt_length:]
+    inputs = torch.cat([sequences[:, :prompt_length], torch.where(given, completion, mask_id)], dim=1)
+    rows = []
+    for i in range(len(inputs)):  # one row's (T, V) fp32 logits at a time
+        mask = None if attention_mask is None else attention_mask[i:i + 1]
+        logp = torch.log_softmax(model(inputs[i:i + 1], mask, slice(prompt_length, None)).float(), dim=-1)
+        rows.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(rows)
+
+
+def keep_top_entropy_hints(entropy, hint_mask, completion_mask, keep_ratio):
+    """IGPO's entropy filter (I:trainer_igpo.py:1764-1826): in each row, of its hint tokens in the loss, only
+    the max(1, int(n keep_ratio)) of highest entropy stay; every other token is untouched. entropy (N, T),
+    hint_mask and completion_mask (N, T) bool. Returns the filtered completion mask."""
+    kept = completion_mask.clone()
+    candidates = hint_mask & completion_mask
+    for i in candidates.any(dim=1).nonzero().flatten().tolist():
+        positions = candidates[i].nonzero().flatten()
+        top = entropy[i, positions].topk(max(1, int(len(positions) * keep_ratio))).indices
+        kept[i, positions] = False
+        kept[i, positions[top]] = True
+    return kept
+
+
+# IGPO's correct: its correctness reward at full marks (3.0, I:trainer_igpo.py:1282-1286,1568); per task the
+# reward whose full marks (1.0) mean a correct completion
+CORRECTNESS_REWARDS = {"gsm8k": rewards.gsm8k_correctness_reward, "math500": rewards.math_correctness_reward,
+                       "countdown": rewards.countdown_reward, "sudoku": rewards.sudoku_reward,
+                       "tiny_sudoku": rewards.tiny_sudoku_solved_reward}
+
+
+def correctness(task):
+    """The task's predicate correct(texts, record) -> [bool] of texts completing one record."""
+    reward = CORRECTNESS_REWARDS[task]
+
+    def correct(texts, record):
+        columns = {k: [v] * len(texts) for k, v in data.record_columns(record).items()}
+        return [r >= 1.0 for r in reward(texts, **columns)]
+    return correct
+
+
+@torch.no_grad()
+def inpaint_zero_std_groups(model, tokenizer, records, rollout, correct, sampler, *, num_generations, mask_id,
+                            noise_seed, batch_size=None, stats=None, ratio_range=INPAINT_RATIO_RANGE,
+                            chunk_sizes=INPAINT_CHUNK_SIZES, free_tail=INPAINT_FREE_TAIL,
+                            max_spacing=INPAINT_MAX_SPACING, max_replacements=INPAINT_MAX_REPLACEMENTS,
+                            entropy_keep=INPAINT_ENTROPY_KEEP):
+    """IGPO's rescue of the all-wrong groups (I:trainer_igpo.py:1423-1632), after a step's rollout:
+    1. the groups where correct() holds for no completion are sampled again, G rows each, row j of a group
+       hinted with inpaint ratio r_j, r ~ U(ratio_range) sorted ascending (I:trainer_igpo.py:1459-1470,1482);
+       the hints are the record's "completion" (the SFT target, tokenised without special tokens, as
+       I:utils/generate.py:517) by hint_canvas, merged into the task's canvas (its given tokens win);
+    2. of a group's hinted rows, those correct() accepts, k = min(their count, max_replacements) of them (a
+       random k when more, else in order: increasing r), overwrite the group's rows 0..k-1 (one attempt,
+       I:trainer_igpo.py:1431,1560-1611); nothing changes in a group with no correct hinted row;
+    3. the hints of the replaced rows are actions of the policy, in the loss as IGPO trains them, filtered by
+       keep_top_entropy_hints on hint_entropy when entropy_keep < 1.
+    rollout: grpo.rollout's (sequences (N, L), attention_mask, canvas, completion_mask (N, T), texts),
+    groups of G contiguous rows; noise_seed: (seed, step, rank); batch_size: rows per sampler call; stats:
+    generate's (the hinted samples' forward passes added). Returns (sequences, completion_mask, texts,
+    hint_mask (N, T) of the replaced rows' hint positions, metrics); the inputs are not modified."""
+    sequences, attention_mask, canvas, completion_mask, texts = rollout
+    G, T, device = num_generations, sampler["gen_length"], sequences.device
+    P = sequences.shape[1] - T
+    failed = [g for g, record in enumerate(records) if not any(correct(texts[g * G:(g + 1) * G], record))]
+    hint_mask = torch.zeros_like(completion_mask, dtype=torch.bool)
+    metrics = {"igpo_groups": float(len(failed)), "igpo_replaced": 0.0, "igpo_hint_tokens": 0.0}
+    if not failed:
+        return sequences, completion_mask, texts, hint_mask, metrics
+    sequences, completion_mask, texts = sequences.clone(), completion_mask.clone(), list(texts)
+    # 1. hints, G per failed group, then the sampler on every hinted row
+    low, high = ratio_range
+    draws, hints = [], []
+    for g in failed:
+        draws.append(data.generator(*noise_seed, IGPO_STREAM, 0, g))
+        ratios = (low + (high - low) * torch.rand(G, generator=draws[-1])).sort().values
+        ref_ids = tokenizer(records[g]["completion"] or "", add_special_tokens=False)["input_ids"]
+        hints += [hint_canvas(ref_ids, float(r), T, free_tail, mask_id, draws[-1], chunk_sizes, max_spacing)
+                  for r in ratios]
+    rows = torch.tensor([g * G + j for g in failed for j in range(G)], device=device)
+    hints = torch.stack(hints).to(device)  # (F G, T)
+    task_canvas = None if canvas is None else canvas[rows]
+    start = hints if task_canvas is None else torch.where(task_canvas != mask_id, task_canvas, hints)
+    prompt_mask = None if attention_mask is None else attention_mask[rows, :P]
+    batch_size, samples = batch_size or len(rows), []
+    for b in range(0, len(rows), batch_size):  # as generate_records batches the rollout
+        batch = slice(b, b + batch_size)
+        samples.append(generate(model, sequences[rows[batch], :P], canvas=start[batch], mask_id=mask_id,
+                                attention_mask=None if prompt_mask is None else prompt_mask[batch],
+                                stats=stats,
+                                generator=data.generator(*noise_seed, IGPO_STREAM, 1, b, device=device),
+                                **sampler))
+    hinted = torch.cat(samples)  # (F G, L)
+    # the task's canvas alone is the conditioning: the hints are actions (IGPO trains them)
+    hinted_mask, hinted_texts = read_completions(tokenizer, hinted[:, P:], task_canvas, mask_id)
+    new_hint = hints != mask_id  # (F G, T): the positions the hints fix, less the task's given ones
+    if task_canvas is not None:
+        new_hint &= task_canvas == mask_id
+    # 2. correct hinted rows into rows 0..k-1 of their group
+    replaced = []
+    for k, g in enumerate(failed):
+        accepted = torch.tensor(correct(hinted_texts[k * G:(k + 1) * G], records[g]), dtype=torch.bool)
+        chosen = accepted.nonzero().flatten()
+        if len(chosen) > max_replacements:  # theirs: a random subset (I:trainer_igpo.py:1578-1584)
+            chosen = chosen[torch.randperm(len(chosen), generator=draws[k])[:max_replacements]]
+        for i, j in enumerate(chosen.tolist()):
+            source, target = k * G + j, g * G + i
+            sequences[target], completion_mask[target] = hinted[source], hinted_mask[source]
+            texts[target], hint_mask[target] = hinted_texts[source], new_hint[source]
+            replaced.append(target)
+    metrics["igpo_replaced"] = float(len(replaced))
+    replaced = torch.tensor(replaced, dtype=torch.long, device=device)
+    # 3. the entropy filter on the replaced rows' hint tokens
+    if len(replaced) and entropy_keep < 1:
+        given = (torch.zeros_like(hint_mask[replaced]) if canvas is None else canvas[replaced] != mask_id)
+        entropy = torch.zeros(hint_mask.shape, device=device)
+        entropy[replaced] = hint_entropy(model, sequences[replaced], None if attention_mask is None
+                                         else attention_mask[replaced], given, P, mask_id)
+        completion_mask = keep_top_entropy_hints(entropy, hint_mask, completion_mask, entropy_keep)
+    metrics["igpo_hint_tokens"] = float((hint_mask & completion_mask).sum())
+    return sequences, completion_mask, texts, hint_mask, metrics
+
+
+def igpo_settings(args, sampler):
+    """inpaint_zero_std_groups' keyword settings from grpo.py's command line (the free tail at most a third
+    of gen_length)."""
+    return {"ratio_range": (args.inpaint_ratio_low, args.inpaint_ratio_high),
+            "chunk_sizes": (args.inpaint_chunk_min, args.inpaint_chunk_max),
+            "free_tail": min(args.inpaint_free_tail, sampler["gen_length"] // 3),
+            "max_spacing": args.inpaint_max_spacing, "max_replacements": args.inpaint_max_replacements,
+            "entropy_keep": args.inpaint_entropy_keep}
+
+
+def igpo_flags(parser):
+    """IGPO's settings, its run's values as defaults."""
+    add = parser.add_argument
+    add("--inpaint-zero-std-groups", action="store_true",
+        help="IGPO: sample the groups with no correct completion again with hints from the reference "
+             "completion, and replace failed rows with correct hinted ones")
+    add("--inpaint-ratio-low", type=float, default=INPAINT_RATIO_RANGE[0],
+        help="IGPO: the lowest share of reference chunks revealed (r ~ U(low, high), sorted in the group)")
+    add("--inpaint-ratio-high", type=float, default=INPAINT_RATIO_RANGE[1],
+        help="IGPO: the highest share of reference chunks revealed")
+    add("--inpaint-chunk-min", type=int, default=INPAINT_CHUNK_SIZES[0],
+        help="IGPO: the shortest reference chunk, in tokens")
+    add("--inpaint-chunk-max", type=int, default=INPAINT_CHUNK_SIZES[1],
+        help="IGPO: the longest reference chunk, in tokens")
+    add("--inpaint-free-tail", type=int, default=INPAINT_FREE_TAIL,
+        help="IGPO: the last completion tokens never hinted (at most a third of gen_length)")
+    add("--inpaint-max-spacing", type=int, default=INPAINT_MAX_SPACING,
+        help="IGPO: the longest stretched gap between two revealed chunks, in tokens")
+    add("--inpaint-max-replacements", type=int, default=INPAINT_MAX_REPLACEMENTS,
+        help="IGPO: failed rows of a group replaced by correct hinted ones, at most (1 to G)")
+    add("--inpaint-entropy-keep", type=float, default=INPAINT_ENTROPY_KEEP,
+        help="IGPO: the share of a replaced row's hint tokens kept in the loss, highest entropy first "
+             "(1: every hint token)")
+
+
+def igpo_check(args, sampler):
+    """Refuse settings IGPO's draws cannot make, a task without a correctness reward and the estimator
+    that reads the sampler's commit steps (a hint has none)."""
+    if not args.inpaint_zero_std_groups:
+        return
+    if args.task not in CORRECTNESS_REWARDS:
+        raise SystemExit(f"--inpaint-zero-std-groups replaces failed rows with correct ones: --task "
+                         f"{args.task} has no correctness reward (tasks: {sorted(CORRECTNESS_REWARDS)})")
+    if not 0 < args.inpaint_ratio_low <= args.inpaint_ratio_high < 1:  # IGPO special-cases 0 and 1
+        raise SystemExit(f"--inpaint-ratio-low {args.inpaint_ratio_low} --inpaint-ratio-high "
+                         f"{args.inpaint_ratio_high}: shares of chunks revealed, 0 < low <= high < 1")
+    if not 1 <= args.inpaint_chunk_min <= args.inpaint_chunk_max:
+        raise SystemExit(f"--inpaint-chunk-min {args.inpaint_chunk_min} --inpaint-chunk-max "
+                         f"{args.inpaint_chunk_max}: chunk lengths, 1 <= min <= max")
+    if args.inpaint_free_tail < 0 or args.inpaint_max_spacing < 0:
+        raise SystemExit("--inpaint-free-tail and --inpaint-max-spacing are numbers of tokens, >= 0")
+    if not 1 <= args.inpaint_max_replacements <= args.num_generations:
+        raise SystemExit(f"--inpaint-max-replacements {args.inpaint_max_replacements}: rows of a group of "
+                         f"{args.num_generations}, 1 to {args.num_generations}")
+    if not 0 < args.inpaint_entropy_keep <= 1:
+        raise SystemExit(f"--inpaint-entropy-keep {args.inpaint_entropy_keep}: a share in (0, 1]")
+    if args.estimator == "stepmerge":
+        raise SystemExit("--estimator stepmerge reads the step at which the sampler committed each token, "
+                         "and a hint was never sampled: drop --inpaint-zero-std-groups or use another "
+                         "--estimator")
+
+
+FLAGS.append(igpo_flags)
+CHECKS.append(igpo_check)
 
 
 # -----------------------------------------------------------------------------

@@ -54,3 +54,10 @@ def make_model(make_config):
         return M.LLaDA(make_config(**overrides)).init_weights(seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def start(tmp_path_factory):
+    """A tiny checkpoint whose completions earn some reward (helpers.digit_checkpoint), for grpo.py runs."""
+    from helpers import digit_checkpoint
+    return digit_checkpoint(tmp_path_factory.mktemp("start") / "digits")

@@ -32,6 +32,9 @@ if ROOT not in sys.path:
 import checkpoint as C  # noqa: E402
 
 
+# a grpo.py run of two tiny steps, no evaluation, no checkpoint
+TWO_STEPS = ["--prompts-per-step", 2, "--num-generations", 4, "--eval-examples", 0, "--max-steps", 2,
+             "--save-every", 0]
 RUN_TIMEOUT_S = 300  # a hung collective fails the test instead of hanging the suite
 # variables of an enclosing torchrun would turn a one-process run into a rank of someone else's group
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -285,3 +288,15 @@ class RecordOps(TorchDispatchMode):
         if isinstance(first, torch.Tensor):
             self.ops.append((func, first.dtype, tuple(first.shape), first is out))
         return out
+
+
+def assert_estimator_run(out, steps, update_forward_passes):
+    """A grpo.py run with another estimator and d1's objective (mu > 1, beta > 0): every record there, the
+    first ratio exactly 1 (old, reference and current log-probs read the same estimate), a KL once the policy
+    moved, finite losses, and the update's forward passes as counted."""
+    records = read_metrics(out)
+    assert len(records) == steps
+    assert all(r["first_ratio_error"] == 0.0 for r in records)
+    assert records[-1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["update_forward_passes"] == update_forward_passes for r in records)
+    return records

@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_clean_error, digit_checkpoint, read_metrics, run_script
+from helpers import TWO_STEPS, assert_clean_error, read_metrics, run_script
 
 import checkpoint as C
 import generate as G
@@ -170,13 +170,7 @@ def test_sampler_draws_with_the_estimators_likelihood(make_model, mask_id):
 # grpo.py end to end, and the refusals
 
 AR = ["--estimator", "ar", "--block-length", 1, "--diffusion-steps", 20, "--p-mask-prompt", 0]
-TINY = ["--prompts-per-step", 2, "--num-generations", 4, "--temperature", 1.0, "--eval-examples", 0,
-        "--max-steps", 2, "--save-every", 0]
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    return digit_checkpoint(tmp_path_factory.mktemp("justgrpo") / "digits")
+TINY = [*TWO_STEPS, "--temperature", 1.0]
 
 
 def test_grpo_with_the_exact_likelihood(start, tmp_path):
