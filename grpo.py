@@ -605,8 +605,7 @@ if __name__ == "__main__":
         # 1. rollouts of this rank's share of the step's prompts (whole groups per rank)
         indices = data.step_indices(step, args.prompts_per_step, len(prompts), args.seed)
         records = [prompts[i] for i in ddp.shard(indices, rank, world_size)]
-        # the sampler's commit step of each token (d2-StepMerge reads it), cheap; undefined under threshold
-        sampler_stats, rollout_record = {}, {}
+        sampler_stats, rollout_record = {}, {}  # the sampler's commit steps: d2-StepMerge reads them
         with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so ranks differ
             sequences, attention_mask, canvas, completion_mask, texts = rollout(
                 model, tokenizer, records, sampler, num_generations=args.num_generations, mask_id=mask_id,
@@ -619,12 +618,10 @@ if __name__ == "__main__":
         igpo_stats = {}  # IGPO (objectives.py): the groups with no correct completion, sampled with hints
         if args.inpaint_zero_std_groups:
             with ddp.unsharded(model), M.autocast(device):  # FSDP: ranks regenerate different group counts
-                sequences, completion_mask, texts, _, igpo_stats = objectives.inpaint_zero_std_groups(
-                    model, tokenizer, records, (sequences, attention_mask, canvas, completion_mask, texts),
-                    objectives.correctness(args.task), sampler, num_generations=args.num_generations,
-                    mask_id=mask_id, noise_seed=(args.seed, step, rank),
-                    batch_size=args.generation_batch_size, stats=sampler_stats,
-                    **objectives.igpo_settings(args, sampler))
+                rolled = (sequences, attention_mask, canvas, completion_mask, texts)
+                sequences, completion_mask, texts, igpo_stats = objectives.igpo_step(
+                    args, model, tokenizer, records, rolled, sampler, mask_id=mask_id,
+                    noise_seed=(args.seed, step, rank), stats=sampler_stats)
             reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
         advantages = group_advantages(reward, args.num_generations, args.scale_rewards)  # (N, 1)
         batch = {"sequences": sequences, "attention_mask": attention_mask, "prompt_length": prompt_length,

@@ -705,6 +705,17 @@ def igpo_settings(args, sampler):
             "entropy_keep": args.inpaint_entropy_keep}
 
 
+def igpo_step(args, model, tokenizer, records, rollout, sampler, *, mask_id, noise_seed, stats=None):
+    """grpo.py's hook: inpaint_zero_std_groups with the command line's settings and the task's correctness.
+    Returns (sequences, completion_mask, texts, metrics)."""
+    sequences, completion_mask, texts, _, metrics = inpaint_zero_std_groups(
+        model, tokenizer, records, rollout, correctness(args.task), sampler,
+        num_generations=args.num_generations, mask_id=mask_id, noise_seed=noise_seed,
+        batch_size=args.generation_batch_size, stats=stats,
+        **igpo_settings(args, sampler))
+    return sequences, completion_mask, texts, metrics
+
+
 def igpo_flags(parser):
     """IGPO's settings, its run's values as defaults."""
     add = parser.add_argument
