@@ -15,8 +15,8 @@ A generations file is `{"generations": [{question, prompt_input, generations, gr
 named `<setup>_<rank>_generations.json`; we write one gathered over ranks,
 `<task>_<model>_<gen_length>_<steps>_0_generations.json` (d1 writes one per rank; see the README's table
 of differences from d1). Rescoring pools a setup's files and reads the task from the setup's prefix
-(countdown, gsm8k, math500 or d1's "math", sudoku, tiny_sudoku); accuracy is correct / total, which for
-sudoku counts cells (correct empty cells / empty cells), as d1 reports it.
+(countdown, gsm8k, math500 or d1's "math", sudoku, tiny_sudoku, tiny_countdown); accuracy is correct /
+total, which for sudoku counts cells (correct empty cells / empty cells), as d1 reports it.
 """
 
 import argparse
@@ -42,8 +42,8 @@ from generate import CACHE_MODES, forward_passes_per_token, generate_records
 
 GENERATIONS_FILE = re.compile(r"^(?P<setup>.+)_(?P<rank>\d+)_generations\.json$")
 # Longest prefix first: "tiny_sudoku" before "sudoku", "math500" before d1's "math".
-TASK_PREFIXES = (("tiny_sudoku", "tiny_sudoku"), ("sudoku", "sudoku"), ("countdown", "countdown"),
-                 ("gsm8k", "gsm8k"), ("math500", "math500"), ("math", "math500"))
+TASK_PREFIXES = (("tiny_sudoku", "tiny_sudoku"), ("tiny_countdown", "tiny_countdown"), ("sudoku", "sudoku"),
+                 ("countdown", "countdown"), ("gsm8k", "gsm8k"), ("math500", "math500"), ("math", "math500"))
 
 
 def task_of_setup(setup):
@@ -90,7 +90,7 @@ def reward_columns(task, item):
     ground_truth = item["ground_truth"]
     if task in ("gsm8k", "math500"):
         return {"answer": ground_truth}
-    if task == "countdown":
+    if task in ("countdown", "tiny_countdown"):
         if isinstance(ground_truth, list) and len(ground_truth) == 2:
             numbers, target = ground_truth
         else:

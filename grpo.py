@@ -429,7 +429,7 @@ if __name__ == "__main__":
     add("--model", default="out/sft", help="start: a folder in LLaDA's layout, or a LoRA adapter folder")
     add("--base-model", default=None, help="an adapter's base folder (default: its adapter_config.json's)")
     add("--task", default="tiny_sudoku", choices=data.TASKS, help="prompts and rewards")
-    add("--split", default=None, help="prompt split (default: 'rl' for tiny_sudoku, else 'train')")
+    add("--split", default=None, help="prompt split (default: 'rl' for the tiny tasks, else 'train')")
     add("--data-dir", default="data/files", help="where downloaded datasets live")
     add("--lora-r", type=int, default=0, help="add LoRA adapters of this rank; 0 trains every weight")
     add("--lora-alpha", type=float, default=64.0, help="LoRA alpha (d1: 64 with r 128)")
@@ -560,7 +560,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # Data: prompts for rollouts, held-out prompts for greedy evaluation; optimiser and resume
 
-    split = args.split or ("rl" if args.task == "tiny_sudoku" else "train")
+    split = args.split or ("rl" if args.task in data.TINY_TASKS else "train")
     try:
         prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
         eval_examples = (data.test_examples(args.task, args.data_dir, args.eval_examples)

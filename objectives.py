@@ -600,7 +600,8 @@ def keep_top_entropy_hints(entropy, hint_mask, completion_mask, keep_ratio):
 # reward whose full marks (1.0) mean a correct completion
 CORRECTNESS_REWARDS = {"gsm8k": rewards.gsm8k_correctness_reward, "math500": rewards.math_correctness_reward,
                        "countdown": rewards.countdown_reward, "sudoku": rewards.sudoku_reward,
-                       "tiny_sudoku": rewards.tiny_sudoku_solved_reward}
+                       "tiny_sudoku": rewards.tiny_sudoku_solved_reward,
+                       "tiny_countdown": rewards.countdown_reward}
 
 
 def correctness(task):

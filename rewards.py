@@ -575,12 +575,14 @@ def sudoku_valid(completion, puzzle):
 def reward_functions(task):
     """[(fn, weight), ...] of a task. For d1's tasks, the reward functions d1's diffu_grpo_train.py
     lists per data set, each split into a score and d1's scale as weight, so the weighted sum is
-    d1's reward; tiny_sudoku's are this repository's (cells right + solved bonus)."""
+    d1's reward; tiny_sudoku's are this repository's (cells right + solved bonus); tiny_countdown's is
+    d1's Countdown reward."""
     table = {
         "gsm8k": [(xml_count_reward, 0.5), (soft_format_reward, 0.5), (strict_format_reward, 0.5),
                   (integer_answer_reward, 0.5), (gsm8k_correctness_reward, 2.0)],
         "math500": [(math_correctness_reward, 2.0), (boxed_in_answer_reward, 1.0)],
         "countdown": [(countdown_reward, 1.0)],
+        "tiny_countdown": [(countdown_reward, 1.0)],
         "sudoku": [(sudoku_reward, 1.0)],
         "tiny_sudoku": [(tiny_sudoku_cells_reward, 1.0), (tiny_sudoku_solved_reward, 1.0)],
     }
@@ -591,8 +593,9 @@ def reward_functions(task):
 
 def score(task, completion, **columns):
     """(correct, total) of one completion, parsed as d1's evaluation parses it: (1 or 0, 1) for
-    gsm8k, math500, countdown and tiny_sudoku (solved), d1's (correct cells, empty cells) for
-    sudoku. Never raises on any completion text."""
+    gsm8k, math500, countdown, tiny_sudoku (solved) and tiny_countdown, d1's (correct cells, empty cells)
+    for sudoku. tiny_countdown is read as its GRPO reward reads it (the last answer tags), so training and
+    evaluation agree on what is correct. Never raises on any completion text."""
     text = _text(completion)
     if task == "gsm8k":
         number = gsm8k_number(text)
@@ -614,5 +617,8 @@ def score(task, completion, **columns):
         return sudoku_cells_correct(sudoku_grid_d1(text), columns["puzzle"], columns["solution"])
     if task == "tiny_sudoku":
         return int(first_digits(text) == columns["solution"]), 1
+    if task == "tiny_countdown":
+        reward = countdown_reward([text], [columns["numbers"]], [columns["target"]])[0]
+        return int(reward == COUNTDOWN_CORRECT), 1
     raise ValueError(f"no score for task {task!r}")
 

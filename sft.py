@@ -158,7 +158,7 @@ if __name__ == "__main__":
                         "tokenizer")
     parser.add_argument("--task", default="tiny_sudoku", choices=data.TASKS, help="training data (see data/)")
     parser.add_argument("--split", default=None,
-                        help="data split (default: 'sft' for tiny_sudoku, else 'train')")
+                        help="data split (default: 'sft' for the tiny tasks, else 'train')")
     parser.add_argument("--data-dir", default="data/files", help="where downloaded datasets live")
     parser.add_argument("--num-examples", type=int, default=None, help="use only this many training examples")
     parser.add_argument("--max-seq-length", type=int, default=4096, help="prompt + response tokens at most")
@@ -271,7 +271,7 @@ if __name__ == "__main__":
     # Data: tokenise prompt and response (data.sft_tokens: d1's chat layout, or the canvas layout of
     # infilling tasks)
 
-    split = args.split or ("sft" if args.task == "tiny_sudoku" else "train")
+    split = args.split or ("sft" if args.task in data.TINY_TASKS else "train")
     if args.eval_examples > 0 and args.task == "s1k":
         ddp.print0("s1k has no test set: no held-out accuracy during SFT "
                    "(run evaluate.py on a d1 task afterwards)")

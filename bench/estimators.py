@@ -61,7 +61,7 @@ model = C.load_model(args.model).eval()
 mask_id = C.mask_token_id(tokenizer)
 defaults = data.generation_defaults(args.task)
 gen_length = defaults["gen_length"]
-split = "rl" if args.task == "tiny_sudoku" else "train"
+split = "rl" if args.task in data.TINY_TASKS else "train"
 prompts = data.load_examples(args.task, split, data_dir=args.data_dir, seed=args.seed)
 records = [prompts[i] for i in data.step_indices(0, args.prompts, len(prompts), args.seed)]
 sampler = {"steps": defaults["steps"], "gen_length": gen_length,

@@ -2,6 +2,7 @@
 
     from data import load_examples
     records = load_examples("tiny_sudoku", "sft")                       # generated, offline
+    records = load_examples("tiny_countdown", "rl")                     # generated, offline
     records = load_examples("gsm8k", "test", style="eval", limit=100)   # needs data/files/gsm8k_test.*
 
 Every record is a dict with
@@ -11,36 +12,42 @@ Every record is a dict with
   d1's evaluation prompts, "" otherwise),
 - "completion": the SFT target, the text that follows prompt + prefill (None when there is none),
 - "question": the raw question, as stored in generation files,
-- "ground_truth": the reference in d1's generations-JSON format (gsm8k a float, countdown
-  [numbers, target], sudoku the 16-digit solution, math500 the answer string),
-- the reward columns, named as in d1: gsm8k/math500 "answer"; countdown "numbers", "target";
+- "ground_truth": the reference in d1's generations-JSON format (gsm8k a float, countdown and
+  tiny_countdown [numbers, target], sudoku the 16-digit solution, math500 the answer string),
+- the reward columns, named as in d1: gsm8k/math500 "answer"; countdown and tiny_countdown "numbers",
+  "target";
   sudoku and tiny_sudoku "puzzle", "solution";
 - tiny_sudoku only, "canvas": the completion with its fixed characters written and CANVAS_BLANK where
   the model must fill in (the sampler starts from it instead of an all-[MASK] completion).
 
 style="train" gives d1's training prompts (answers in <answer> tags), style="eval" d1's evaluation
-prompts (answers in \\boxed{}, generation prefilled with "<reasoning>"). tiny_sudoku has a single
-compact prompt whatever the style.
+prompts (answers in \\boxed{}, generation prefilled with "<reasoning>"). The tiny tasks have a single
+compact prompt whatever the style, and splits "sft", "rl" and "test" (a coverage split).
 
-Generated splits (tiny_sudoku; sudoku and countdown "train") are drawn from `seed`; file splits are
+Generated splits (the tiny tasks; sudoku and countdown "train") are drawn from `seed`; file splits are
 read in file order and `limit` keeps the first records.
 """
 
 import numpy as np
 import torch
 
-from data.countdown import countdown_examples
+from data.countdown import countdown_examples, tiny_countdown_examples
 from data.sudoku import (CANVAS_BLANK, EMPTY, TINY_NUM_SFT_GRIDS, check_puzzle, sudoku_examples,
                          tiny_sudoku_examples)
 from data.text_tasks import STYLES, gsm8k_examples, math500_examples, s1k_examples
 
-TASKS = ("tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k")
+# s1k stays last: it has no test set, and evaluate.py offers TASKS[:-1]
+TASKS = ("tiny_sudoku", "tiny_countdown", "sudoku", "countdown", "gsm8k", "math500", "s1k")
+# the laptop tasks: generated, with splits "sft", "rl" and "test" (sft.py and grpo.py pick sft and rl)
+TINY_TASKS = ("tiny_sudoku", "tiny_countdown")
 DEFAULT_DATA_DIR = "data/files"
 # the sampler's settings per task: d1's evaluation (gen_length 128/256/512, block_length 32,
-# steps = gen_length / 2), and the tiny task's answer, 19 characters + EOS: one block of 20
+# steps = gen_length / 2), tiny_sudoku's answer, 19 characters + EOS: one block of 20, and tiny_countdown's,
+# "<answer>a+b-c</answer>" (22 characters) + <|eot_id|> + EOS = 24, rounded up to one block of 32
 GENERATION_DEFAULTS = {
     "default": {"gen_length": 256, "block_length": 32, "steps": 128, "batch_size": 8},
     "tiny_sudoku": {"gen_length": 20, "block_length": 20, "steps": 20, "batch_size": 250},
+    "tiny_countdown": {"gen_length": 32, "block_length": 32, "steps": 32, "batch_size": 250},
 }
 RECORD_KEYS = ("prompt", "prefill", "completion", "question", "ground_truth", "canvas")
 
@@ -72,6 +79,8 @@ def load_examples(task, split, *, data_dir=DEFAULT_DATA_DIR, style="train", limi
     if task == "tiny_sudoku":
         grids = TINY_NUM_SFT_GRIDS if num_sft_grids is None else num_sft_grids
         return tiny_sudoku_examples(split, limit=limit, seed=seed, num_sft_grids=grids)
+    if task == "tiny_countdown":
+        return tiny_countdown_examples(split, limit=limit, seed=seed)
     if task == "sudoku":
         return sudoku_examples(split, data_dir=data_dir, style=style, limit=limit, seed=seed)
     if task == "countdown":

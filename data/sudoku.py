@@ -19,7 +19,7 @@ that agree with it.
 import csv
 import random
 
-from data.text_tasks import make_record, read_test_file
+from data.text_tasks import coverage_split, make_record, read_test_file
 
 # ---------------------------------------------------------------------------------------------------
 # Grids
@@ -242,12 +242,7 @@ def tiny_sudoku_examples(split, *, limit, seed, num_sft_grids=TINY_NUM_SFT_GRIDS
     the given cells already written and the blanks as CANVAS_BLANK, so the sampler fills only the blanks
     and GRPO's actions are the blank cells alone.
     """
-    train_grids, test_grids = split_grids()
-    if not 1 <= num_sft_grids <= len(train_grids):
-        raise ValueError(f"num_sft_grids must be in 1..{len(train_grids)}, got {num_sft_grids}")
-    grids = {"sft": train_grids[:num_sft_grids], "rl": train_grids, "test": test_grids}.get(split)
-    if grids is None:
-        raise ValueError(f"tiny_sudoku has splits 'sft', 'rl' and 'test', got {split!r}")
+    grids = coverage_split("tiny_sudoku", split, *split_grids(), num_sft_grids, "grids")
     n = TINY_DEFAULT_LIMITS[split] if limit is None else limit
     lo, hi = TINY_SUDOKU_BLANKS
     records = []

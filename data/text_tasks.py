@@ -204,6 +204,17 @@ def gsm8k_examples(split, *, data_dir, style, limit):
     return records
 
 
+def coverage_split(task, split, train, test, num_sft, unit):
+    """The items of a tiny task's split: `sft` the first num_sft training items (demonstrations cover part of
+    the problem), `rl` all the training items, `test` the held-out ones. unit names them in errors."""
+    if not 1 <= num_sft <= len(train):
+        raise ValueError(f"num_sft_{unit} must be in 1..{len(train)}, got {num_sft}")
+    items = {"sft": train[:num_sft], "rl": train, "test": test}.get(split)
+    if items is None:
+        raise ValueError(f"{task} has splits 'sft', 'rl' and 'test', got {split!r}")
+    return items
+
+
 # ---------------------------------------------------------------------------------------------------
 # MATH500
 

@@ -295,12 +295,12 @@ def test_parquet_loader(tmp_path):
 
 # --- the uniform record, prepare --------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["tiny_sudoku", "sudoku", "countdown"])
+@pytest.mark.parametrize("task", ["tiny_sudoku", "tiny_countdown", "sudoku", "countdown"])
 @pytest.mark.parametrize("style", ["train", "eval"])
 def test_generated_records_have_the_uniform_schema_and_reward_columns(task, style):
-    split = "rl" if task == "tiny_sudoku" else "train"
+    split = "rl" if task in data.TINY_TASKS else "train"
     records = load_examples(task, split, style=style, limit=4)
-    columns = {"countdown": {"numbers", "target"}}.get(task, {"puzzle", "solution"})
+    columns = {"puzzle", "solution"} if task.endswith("sudoku") else {"numbers", "target"}
     assert len(records) == 4
     for r in records:
         assert RECORD_KEYS | columns <= set(r)
@@ -313,7 +313,7 @@ def test_generated_records_have_the_uniform_schema_and_reward_columns(task, styl
         else:                    # ...and the eval-style target is scored correct
             correct, out_of = rewards.score(task, text, **{k: r[k] for k in columns})
             assert correct == out_of > 0
-    assert set(TASKS) == {"tiny_sudoku", "sudoku", "countdown", "gsm8k", "math500", "s1k"}
+    assert set(TASKS) == {"tiny_sudoku", "tiny_countdown", "sudoku", "countdown", "gsm8k", "math500", "s1k"}
 
 
 def test_prepare_offline_prints_what_to_download(tmp_path, monkeypatch, capsys):
