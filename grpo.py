@@ -324,6 +324,8 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
              f"{args.num_iterations}, FLOPs and time x mu",
              "AdamW's moments (and with --sync-ref-every and LoRA the reference's deltas) live from the "
              "start, as from a run's second step"]
+    if args.inpaint_zero_std_groups:
+        notes.append("not modelled: IGPO's second rollout of the all-wrong groups and its entropy pass")
     world = dryrun.fake_world(world_size) if args.fsdp else contextlib.nullcontext()
     with world as mesh, dryrun.session() as run, dryrun.cuda_like_autocast():
         model = dryrun.build_model(config, torch.bfloat16 if lora else torch.float32)
@@ -605,13 +607,13 @@ if __name__ == "__main__":
         # 1. rollouts of this rank's share of the step's prompts (whole groups per rank)
         indices = data.step_indices(step, args.prompts_per_step, len(prompts), args.seed)
         records = [prompts[i] for i in ddp.shard(indices, rank, world_size)]
-        sampler_stats, rollout_record = {}, {}  # the sampler's commit steps: d2-StepMerge reads them
+        sampler_stats, rollout_record = {}, {}  # the sampler's commit steps, for d2-StepMerge
         with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so ranks differ
             sequences, attention_mask, canvas, completion_mask, texts = rollout(
                 model, tokenizer, records, sampler, num_generations=args.num_generations, mask_id=mask_id,
                 device=device, max_prompt_length=args.max_prompt_length,
                 batch_size=args.generation_batch_size, noise_seed=(args.seed, step, rank),
-                stats=sampler_stats, record=rollout_record if args.rollout_threshold is None else None)
+                stats=sampler_stats, record=rollout_record if args.estimator == "stepmerge" else None)
         prompt_length, t_rollout = sequences.shape[1] - gen_length, time.time() - t0
         # 2-3. rewards and group-relative advantages
         reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
@@ -622,7 +624,9 @@ if __name__ == "__main__":
                 sequences, completion_mask, texts, igpo_stats = objectives.igpo_step(
                     args, model, tokenizer, records, rolled, sampler, mask_id=mask_id,
                     noise_seed=(args.seed, step, rank), stats=sampler_stats)
-            reward, per_function = score_completions(reward_functions, texts, records, args.num_generations)
+            if igpo_stats["igpo_replaced"]:  # the new rows' rewards
+                reward, per_function = score_completions(reward_functions, texts, records,
+                                                         args.num_generations)
         advantages = group_advantages(reward, args.num_generations, args.scale_rewards)  # (N, 1)
         batch = {"sequences": sequences, "attention_mask": attention_mask, "prompt_length": prompt_length,
                  "completion_mask": completion_mask, "advantages": advantages.to(device),

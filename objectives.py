@@ -16,8 +16,8 @@ Two small interfaces, so that a new method adds a section here and moves nothing
   sequence_weights(advantages (N, 1), num_generations) -> (N, 1) once per rollout batch, and
   loss(logp, mask, weights, num_groups) the micro-batch's loss; it needs no old and no reference log-probs.
 add_flags(parser) declares every method's settings; check_args(args, sampler) refuses what cannot work.
-IGPO is neither: a rollout option (--inpaint-zero-std-groups) whose inpaint_zero_std_groups grpo.py calls
-once a step's completions are scored.
+IGPO is neither: a rollout option (--inpaint-zero-std-groups) whose igpo_step grpo.py calls once a step's
+completions are scored.
 
     python grpo.py --estimator coupled                  # DiffuCoder's coupled masks, d1's objective
     python grpo.py --objective wd1 --lr 3e-5            # wd1's weighted likelihood, d1's estimator
@@ -420,7 +420,8 @@ def spg_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_lengt
 
 
 def spg_sequence_weights(advantages, num_generations):
-    """SPG's advantages are d1's, A = r - mean of the group without the std (L717-720): (N, 1) unchanged."""
+    """SPG's advantages are d1's, A = r - mean of the group (L717-720; --scale-rewards group divides by the
+    std, as for d1): (N, 1) unchanged."""
     return advantages
 
 
@@ -708,7 +709,8 @@ def igpo_settings(args, sampler):
 
 def igpo_step(args, model, tokenizer, records, rollout, sampler, *, mask_id, noise_seed, stats=None):
     """grpo.py's hook: inpaint_zero_std_groups with the command line's settings and the task's correctness.
-    Returns (sequences, completion_mask, texts, metrics)."""
+    Returns (sequences, completion_mask, texts, metrics); completion_mask is the loss's (the replaced rows'
+    hint tokens filtered by entropy), which grpo.py also logs as completion_length."""
     sequences, completion_mask, texts, _, metrics = inpaint_zero_std_groups(
         model, tokenizer, records, rollout, correctness(args.task), sampler,
         num_generations=args.num_generations, mask_id=mask_id, noise_seed=noise_seed,
@@ -763,10 +765,10 @@ def igpo_check(args, sampler):
                          f"{args.num_generations}, 1 to {args.num_generations}")
     if not 0 < args.inpaint_entropy_keep <= 1:
         raise SystemExit(f"--inpaint-entropy-keep {args.inpaint_entropy_keep}: a share in (0, 1]")
-    if args.estimator == "stepmerge":
-        raise SystemExit("--estimator stepmerge reads the step at which the sampler committed each token, "
-                         "and a hint was never sampled: drop --inpaint-zero-std-groups or use another "
-                         "--estimator")
+    if args.estimator in ("stepmerge", "ar", "spg"):  # each reads how the completion was sampled, or its span
+        raise SystemExit(f"--estimator {args.estimator} reads what the sampler did (the commit steps, the "
+                         "left-to-right order, the completion's blocks), and a hint was never sampled: drop "
+                         "--inpaint-zero-std-groups, or use --estimator d1 or coupled")
 
 
 FLAGS.append(igpo_flags)

@@ -29,7 +29,6 @@ import checkpoint as C
 import data
 import grpo
 import model as M
-import objectives
 import rewards
 
 parser = argparse.ArgumentParser(
@@ -48,7 +47,6 @@ parser.add_argument("--num-iterations", type=int, default=4,
                     help="mu, for the forward-pass count (grpo.py's default)")
 parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient, for the forward-pass count")
 parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, rollouts and masks")
-objectives.add_flags(parser)  # the estimators' own settings, grpo.py's defaults
 args = parser.parse_args()
 STUDIED = ("d1", "coupled")  # the estimators of one (N, T) estimate that read nothing else of the rollout
 torch.manual_seed(args.seed)

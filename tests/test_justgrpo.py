@@ -179,7 +179,7 @@ def test_grpo_with_the_exact_likelihood(start, tmp_path):
     records = read_metrics(out)
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     # mu 1, beta 0: the current policy's estimate alone, one forward row per completion position (T = 20)
-    assert all(r["first_ratio_error"] == 0.0 and r["update_forward_passes"] == 20 for r in records)
+    assert all(r["update_forward_passes"] == 20 for r in records)
 
 
 def test_grpo_old_and_reference_reads_equal_the_checkpointed_one(start, tmp_path):

@@ -7,8 +7,7 @@
   triples, test problems from held-out triples neither stage sees; deterministic by seed;
 - the generation defaults divide as the sampler requires and hold the longest completion, EOS included;
 - `sft.py --task tiny_countdown` runs a few steps and `grpo.py --task tiny_countdown` 2 steps from its
-  checkpoint, with no canvas (the sampler starts from an all-[MASK] completion);
-- the task learns: a short SFT run at a tiny size lifts held-out accuracy above a measured floor.
+  checkpoint, with no canvas (the sampler starts from an all-[MASK] completion).
 """
 
 import pytest
