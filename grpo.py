@@ -11,8 +11,9 @@ Each step, top to bottom (the functions below, in this order):
      completion token and each prompt token with probability p_mask_prompt, run ONE forward pass, read
      log pi(o_k | q) = -CE(logits_k, o_k) at every completion position. Iteration k of the mu inner iterations
      has its own mask, and the old, reference and current policies all see that same mask;
-  5. policy_logprobs, before the inner loop and without grad: old log-probs for each of the mu masks (mu > 1)
-     and reference log-probs (beta > 0; with LoRA the reference is the base with its adapters switched off);
+  5. old_and_reference_logprobs, before the inner loop and without grad: old log-probs for each of the mu
+     masks (mu > 1) and reference log-probs (beta > 0; with LoRA the reference is the base with its adapters
+     switched off);
   6. update: mu inner iterations, iteration k on mask k, one optimiser step each, on grpo_loss:
         ratio = exp(logp - old_logp_k),  KL_k = exp(ref - logp) - (ref - logp) - 1,
         loss_tok = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta KL_k,

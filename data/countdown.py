@@ -205,8 +205,8 @@ _TINY_REACHABLE = {}  # (ordered numbers) -> {integer target in range: expressio
 def tiny_targets(numbers):
     """{target: expression without spaces} of every integer target in TINY_TARGET_RANGE that the numbers,
     in this order, reach with TINY_OPERATORS. One fixed expression per target, the easiest to imitate: the
-    first flat one ("a-b*c", read with the usual precedence) over the orders of the numbers, the given
-    order first, else the solver's (with parentheses)."""
+    first flat one ("a-b+c") over the orders of the numbers, the given order first, else the solver's (with
+    parentheses)."""
     key = tuple(numbers)
     if key not in _TINY_REACHABLE:
         lo, hi = TINY_TARGET_RANGE
