@@ -40,6 +40,7 @@ README's table lists where this script differs from d1's released code.
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -327,6 +328,12 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
              "start, as from a run's second step"]
     if args.inpaint_zero_std_groups:
         notes.append("not modelled: IGPO's second rollout of the all-wrong groups and its entropy pass")
+    chunks = 1  # the ar estimator's chunks of positions, alike: the first is run, FLOPs and time x chunks
+    if args.estimator == "ar":
+        chunks = objectives.ar_chunks(len(range(*micro_batches[0].indices(N))), sampler["gen_length"])[1]
+        logprobs = functools.partial(logprobs, max_chunks=1)
+        notes.append(f"--estimator ar: the first of its {chunks} chunks of positions per micro-batch, FLOPs "
+                     f"and time x {chunks} (the other log-probs 0)")
     world = dryrun.fake_world(world_size) if args.fsdp else contextlib.nullcontext()
     with world as mesh, dryrun.session() as run, dryrun.cuda_like_autocast():
         model = dryrun.build_model(config, torch.bfloat16 if lora else torch.float32)
@@ -373,14 +380,14 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
                                 unmask_step=unmask_step)
                      for k in range(args.num_iterations)]
         reading = (micro_batches, sequences, None, P, "cpu")
-        with run.phase("old and reference log-probs", repeat=args.num_iterations):  # of one estimate
+        with run.phase("old and reference log-probs", repeat=args.num_iterations * chunks):  # of one estimate
             old_logps = ([policy_logprobs(model, logprobs, estimates[0], *reading)]
                          if args.num_iterations > 1 and args.objective == "grpo" else None)
             ref_logps = None
             if args.beta > 0:
                 with reference_policy(model, ref_model) as ref:
                     ref_logps = [policy_logprobs(ref, logprobs, estimates[0], *reading)]
-        run.begin("update: one of mu steps", repeat=args.num_iterations)
+        run.begin("update: one of mu steps", repeat=args.num_iterations * chunks)
         update(model, optimizer, trainable, logprobs, estimates[:1], batch, micro_batches, [args.lr],
                old_logps=old_logps, ref_logps=ref_logps,
                ref_model=ref_model, objective=args.objective, ratio_free_loss=ratio_free_loss,
@@ -446,6 +453,9 @@ if __name__ == "__main__":
     add("--max-completion-length", type=int, default=None, help="gen_length (task default)")
     add("--block-length", type=int, default=None, help="sampler block length (task default)")
     add("--diffusion-steps", type=int, default=None, help="sampler steps (task default)")
+    add("--rollout-order", default="blocks", choices=["blocks", "left-to-right"],
+        help="blocks: the task's (or the flags') blocks and steps; left-to-right: one position a step, "
+        "block length 1 (JustGRPO's rollouts, read exactly by --estimator ar)")
     add("--temperature", type=float, default=1.0, help="rollout temperature (d1: 0.9)")
     add("--max-prompt-length", type=int, default=0, help="keep a prompt's last N tokens (d1: 200); 0 = all")
     add("--rollout-cache", default="none", choices=CACHE_MODES, help="the sampler's key/value cache")
@@ -505,8 +515,14 @@ if __name__ == "__main__":
     micro_batches = [slice(j, j + micro) for j in range(0, rollouts_per_rank, micro)]
     defaults = data.generation_defaults(args.task)
     gen_length = args.max_completion_length or defaults["gen_length"]
-    sampler = {"steps": args.diffusion_steps or defaults["steps"], "gen_length": gen_length,
-               "block_length": args.block_length or min(defaults["block_length"], gen_length),
+    block_length = args.block_length or min(defaults["block_length"], gen_length)
+    steps = args.diffusion_steps or defaults["steps"]
+    if args.rollout_order == "left-to-right":  # one position a step: block length 1, gen_length steps
+        if args.block_length not in (None, 1) or args.diffusion_steps not in (None, gen_length):
+            raise SystemExit(f"--rollout-order left-to-right samples one position a step (block length 1, "
+                             f"{gen_length} steps): drop --block-length and --diffusion-steps")
+        block_length, steps = 1, gen_length
+    sampler = {"steps": steps, "gen_length": gen_length, "block_length": block_length,
                "temperature": args.temperature, "cache": args.rollout_cache,
                "threshold": args.rollout_threshold}
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon

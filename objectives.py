@@ -23,7 +23,7 @@ completions are scored.
     python grpo.py --objective wd1 --lr 3e-5            # wd1's weighted likelihood, d1's estimator
     python grpo.py --estimator stepmerge --merge-chunks 4   # d2: the sampling trajectory, 4 chunks
     python grpo.py --estimator spg --objective spg --block-length 5   # SPG: ELBO / EUBO, block-wise masks
-    python grpo.py --estimator ar --block-length 1 --diffusion-steps 20 --num-iterations 1 --beta 0 \
+    python grpo.py --estimator ar --rollout-order left-to-right --num-iterations 1 --beta 0 \
         --p-mask-prompt 0 --temperature 1    # JustGRPO: left-to-right rollouts, their exact likelihood
     python grpo.py --inpaint-zero-std-groups             # IGPO: all-wrong groups sampled again with hints
 """
@@ -167,44 +167,53 @@ def ar_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, **rollout)
     return torch.where(is_prompt, sequences, torch.full_like(sequences, mask_id)), mask_id
 
 
-def ar_chunk_logprobs(policy, sequences, template, attention_mask, read, mask_id):
-    """log pi(o_t | q, o_<t) of n sequences at the c absolute positions `read` (c,), from one forward of n x c
-    rows, row (i, j) the state the sampler saw before committing read[j] of sequence i: positions before it
-    from sequences, the rest from the template; the LM head runs at read[j] alone (a bool `positions` mask,
-    one True per row). JustGRPO's loop body (J:grpo.py:36-44) for c positions at once. sequences, template
-    (n, L); attention_mask (n, L) or None. Returns (n, c)."""
+def ar_chunk_logprobs(policy, sequences, template, attention_mask, start, stop, mask_id):
+    """log pi(o_t | q, o_<t) of n sequences at the c absolute positions read = start..stop - 1, from one
+    forward of n x c rows, row (i, j) the state the sampler saw before committing read[j] of sequence i:
+    positions before it from sequences, the rest from the template. The LM head runs over the c positions of
+    each row and row (i, j) keeps read[j]'s logits: at c = 1 (8 or more sequences) the position alone, and
+    shapes that do not depend on the data (a dry run on fake tensors needs no worst case). JustGRPO's loop
+    body (J:grpo.py:36-44) for c positions at once. sequences, template (n, L); attention_mask (n, L) or None.
+    Returns (n, c)."""
     n, L = sequences.shape
-    c = len(read)
+    c, read = stop - start, torch.arange(start, stop, device=sequences.device)
     past = torch.arange(L, device=sequences.device)[None, :] < read[:, None]  # (c, L)
     inputs = torch.where(past, sequences[:, None], template[:, None]).flatten(0, 1)  # (n c, L)
-    rows = torch.arange(n * c, device=sequences.device)
-    positions = torch.zeros_like(inputs, dtype=torch.bool)
-    positions[rows, read.repeat(n)] = True
     mask = None if attention_mask is None else attention_mask.repeat_interleave(c, dim=0)
-    logits = policy(inputs, mask, positions)  # (n c, V), row by row
+    logits = policy(inputs, mask, slice(start, stop)).view(n, c, c, -1)
+    diagonal = torch.arange(c, device=sequences.device)
+    logits = logits[:, diagonal, diagonal]  # (n, c, V): row (i, j) at read[j]
     # the sampler draws from the vocabulary less [MASK]: its probability, renormalised without it
     logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
-    return token_logprobs(logits.view(n, c, -1), sequences[:, read])
+    return token_logprobs(logits, sequences[:, read])
 
 
-def ar_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length):
+def ar_chunks(n, gen_length):
+    """(positions per chunk, chunks) of ar_logprobs for n sequences: at least one position of each."""
+    per_chunk = max(1, AR_FORWARD_ROWS // n)
+    return per_chunk, -(-gen_length // per_chunk)
+
+
+def ar_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length, max_chunks=None):
     """The estimator interface over ar_chunk_logprobs: the exact per-token log-probs (n, T) of the batch's
     `rows` in left-to-right order, one forward row per completion position (a canvas's given positions are
     read too, their value unused: the completion mask drops them), max(1, AR_FORWARD_ROWS // n) positions per
     chunk. With grad each chunk's forward is recomputed in its backward (torch.utils.checkpoint), so the
     activations of one chunk are live at a time, as theirs backpropagates token by token (J:grpo.py:50).
-    estimate: ar_input's (template, mask_id)."""
+    estimate: ar_input's (template, mask_id). max_chunks: the dry run's, the first chunks alone (every chunk
+    has the same shapes), the other positions' log-probs left 0."""
     template, mask_id = estimate
     sequences, template = sequences[rows], template[rows]
     mask = None if attention_mask is None else attention_mask[rows]
     n, L = sequences.shape
-    per_chunk = max(1, AR_FORWARD_ROWS // n)
+    per_chunk, num_chunks = ar_chunks(n, L - prompt_length)
     columns = []
-    for start in range(prompt_length, L, per_chunk):
-        read = torch.arange(start, min(start + per_chunk, L), device=sequences.device)
-        chunk = (policy, sequences, template, mask, read, mask_id)
+    for start in range(prompt_length, L, per_chunk)[:max_chunks or num_chunks]:
+        chunk = (policy, sequences, template, mask, start, min(start + per_chunk, L), mask_id)
         columns.append(torch.utils.checkpoint.checkpoint(ar_chunk_logprobs, *chunk, use_reentrant=False)
                        if torch.is_grad_enabled() else ar_chunk_logprobs(*chunk))
+    read = sum(column.shape[1] for column in columns)
+    columns.append(torch.zeros(n, L - prompt_length - read, device=sequences.device))
     return torch.cat(columns, dim=1)
 
 
@@ -223,8 +232,8 @@ def check_ar(args, sampler):
                          f"(not {args.p_mask_prompt})")
     if sampler["block_length"] != 1 or sampler["steps"] != gen_length:
         raise SystemExit(f"--estimator ar is the exact likelihood of left-to-right rollouts, one position a "
-                         f"step: pass --block-length 1 --diffusion-steps {gen_length} (now block length "
-                         f"{sampler['block_length']}, {sampler['steps']} steps)")
+                         f"step: pass --rollout-order left-to-right (block length 1, {gen_length} steps; now "
+                         f"block length {sampler['block_length']}, {sampler['steps']} steps)")
     if sampler["cache"] != "none" or sampler["threshold"] is not None:
         raise SystemExit("--estimator ar is checked against LLaDA's sampler, and at block length 1 a cache "
                          "or a threshold saves no forward pass: drop --rollout-cache and --rollout-threshold")

@@ -7,7 +7,8 @@ fits an 80 GB GPU:
 - SFT on s1K (LoRA r 128, 1 x 4096, checkpointing): fits, under the 23.5 GiB it peaked at before its loss kept
   only the bf16 logits; and the FSDP command (full fine-tuning over 8 ranks, torch's fake process group);
 - GRPO at d1's per-GPU settings, one rank of 8, mu 12 (gsm8k, math500) and mu 8 (countdown, sudoku: the dry
-  run reads no task data, so two tasks stand for four), with its 14,960 TFLOP per step;
+  run reads no task data, so two tasks stand for four), with its 14,960 TFLOP per step; and each method of
+  objectives.py on those settings, as its authors run it (SPG at mu 4, JustGRPO at mu 1 without KL);
 - evaluation at 512 tokens, batch 64: the recipe's command (float16 autocast) fits, and with `--cache dual`
   the first pass of a block, which keeps every layer's keys and values, peaks under 42 GiB (the cache held
   once);
@@ -85,6 +86,47 @@ def test_grpo_recipe_fits(llada_8b, task, mu):
     assert "2 prompts (12 rollouts) per rank | micro-batch 6 x 2" in run.stdout  # one rank of 8
     tflop = float(TOTAL.search(run.stdout)["tflop"])
     assert tflop == pytest.approx(10230 + 1963 * mu / 12 + 2767 * mu / 12, rel=0.01)
+
+
+def without(flags, *names):
+    """flags less each --name and its value."""
+    out, skip = [], False
+    for i, flag in enumerate(flags):
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
+RATIO_FREE = without(GRPO, "--beta", "--epsilon")
+METHODS = {  # objectives.py's methods on the recipe's flags (mu 12, gsm8k), each as its authors run it
+    "coupled": [*GRPO, "--estimator", "coupled"],
+    "wd1": [*RATIO_FREE, "--objective", "wd1"],
+    "d2": [*GRPO, "--estimator", "stepmerge", "--merge-chunks", 8],
+    "spg": [*RATIO_FREE, "--estimator", "spg", "--objective", "spg", "--num-iterations", 4],
+    "justgrpo": [*without(GRPO, "--block-length", "--diffusion-steps", "--beta"), "--estimator", "ar",
+                 "--rollout-order", "left-to-right", "--p-mask-prompt", 0, "--num-iterations", 1,
+                 "--beta", 0],
+    "igpo": [*GRPO, "--inpaint-zero-std-groups"],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_fits_at_the_recipes_shape(llada_8b, method):
+    run = run_script("grpo.py", "--dry-run", "--dry-run-world-size", 8, "--model", llada_8b,
+                     "--task", "gsm8k", "--num-iterations", 12, *METHODS[method])
+    found = peaks(run)
+    assert 14.9 < max(found.values()) < 79, run.stdout  # the bf16 weights, and under an H100's memory
+    d1 = 10230 + 1963 + 2767  # TFLOP of d1's step at mu 12 (test_grpo_recipe_fits)
+    tflop = float(TOTAL.search(run.stdout)["tflop"])
+    print(f"{method}: peak {max(found.values()):.1f} GiB, {tflop:.0f} TFLOP a step ({tflop / d1:.2f} x d1)")
+    if method == "justgrpo":  # one forward row per completion position, 256 x d1's single one, left to right
+        assert "the first of its 256 chunks of positions" in run.stdout and tflop > 4 * d1
+    elif method in ("coupled", "d2"):  # 2 and 8 forward passes per estimate against d1's 1
+        assert tflop > 1.2 * d1
 
 
 @pytest.mark.parametrize("cache, limit", [("none", 79), ("dual", 42)])

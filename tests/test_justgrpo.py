@@ -15,6 +15,8 @@ Guards JustGRPO's exact likelihood (objectives.py, `grpo.py --estimator ar`; Ni 
 - grpo.py end to end on the tiny task (gen_length 20): --estimator ar with mu 1 and beta 0 (JustGRPO's
   gradient) runs with T = 20 forward rows per estimate and the first ratio exactly 1, and with mu 2 and
   beta > 0 the no-grad old and reference reads equal the checkpointed ones bitwise (first ratio 1);
+- `--rollout-order left-to-right` is block length 1 with gen_length steps: the same run as those flags given
+  by hand, and it refuses other block lengths or steps;
 - the refusals: block length or steps that are not left to right, a cache or a threshold, p_mask_prompt > 0.
 """
 
@@ -169,7 +171,7 @@ def test_sampler_draws_with_the_estimators_likelihood(make_model, mask_id):
 # -----------------------------------------------------------------------------
 # grpo.py end to end, and the refusals
 
-AR = ["--estimator", "ar", "--block-length", 1, "--diffusion-steps", 20, "--p-mask-prompt", 0]
+AR = ["--estimator", "ar", "--rollout-order", "left-to-right", "--p-mask-prompt", 0]
 TINY = [*TWO_STEPS, "--temperature", 1.0]
 
 
@@ -192,10 +194,24 @@ def test_grpo_old_and_reference_reads_equal_the_checkpointed_one(start, tmp_path
     assert all(r["update_forward_passes"] == 2 * 3 * 20 for r in records)  # mu x (old, reference, current)
 
 
+def test_rollout_order_left_to_right_is_block_length_1_and_a_step_per_position(start, tmp_path):
+    runs = {}
+    for name, order in [("flag", ["--rollout-order", "left-to-right"]),
+                        ("explicit", ["--block-length", 1, "--diffusion-steps", 20])]:
+        run_script("grpo.py", "--model", start, *TINY, "--estimator", "ar", "--p-mask-prompt", 0, *order,
+                   "--out-dir", tmp_path / name)
+        runs[name] = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tok_per_s"}
+                      for r in read_metrics(tmp_path / name)]
+    assert runs["flag"] == runs["explicit"]  # (the task's default order, one block of 20, ar refuses)
+
+
 @pytest.mark.parametrize("flags, fragments", [
-    (["--estimator", "ar", "--p-mask-prompt", 0], ["--block-length 1 --diffusion-steps 20"]),
+    (["--estimator", "ar", "--p-mask-prompt", 0], ["--rollout-order left-to-right", "20 steps"]),
     (["--estimator", "ar", "--block-length", 1, "--diffusion-steps", 40, "--p-mask-prompt", 0],
-     ["--block-length 1 --diffusion-steps 20", "40 steps"]),
+     ["--rollout-order left-to-right", "now block length 1, 40 steps"]),
+    (["--rollout-order", "left-to-right", "--block-length", 5],
+     ["drop --block-length and --diffusion-steps"]),
+    (["--rollout-order", "left-to-right", "--diffusion-steps", 10], ["one position a step"]),
     ([*AR, "--rollout-threshold", 0.9], ["drop --rollout-cache and --rollout-threshold"]),
     ([*AR, "--rollout-cache", "prefix"], ["drop --rollout-cache and --rollout-threshold"]),
     (AR[:-2], ["--p-mask-prompt 0", "not 0.15"]),

@@ -7,7 +7,9 @@
   triples, test problems from held-out triples neither stage sees; deterministic by seed;
 - the generation defaults divide as the sampler requires and hold the longest completion, EOS included;
 - `sft.py --task tiny_countdown` runs a few steps and `grpo.py --task tiny_countdown` 2 steps from its
-  checkpoint, with no canvas (the sampler starts from an all-[MASK] completion).
+  checkpoint, with no canvas (the sampler starts from an all-[MASK] completion);
+- it learns in the suite's time: sft.py's default run solves held-out problems (none from scratch), and GRPO
+  from it starts where SFT's evaluation ended and has rollouts with an advantage.
 """
 
 import pytest
@@ -95,3 +97,34 @@ def test_sft_then_grpo_run(sft_run, tmp_path):
     assert all(0.0 <= r["reward"] <= 1.0 for r in records)
     assert (tmp_path / "grpo" / "model.safetensors").is_file()
     assert C.load_tokenizer(str(tmp_path / "grpo")).mask_token_id is not None
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """sft.py's default run on tiny_countdown (300 steps of 128 demonstrations, about 1.5 minutes on 2 cores),
+    its held-out accuracy on 200 test problems."""
+    out = tmp_path_factory.mktemp("tiny_countdown") / "learned"
+    run_script("sft.py", "--task", TASK, "--eval-examples", 200, "--eval-every", 0, "--save-every", 0,
+               "--out-dir", out)
+    return out
+
+
+def test_sft_learns_to_solve_held_out_problems(learned):
+    records = read_metrics(learned)
+    # from scratch nothing is solved; three seeds of this run solved 41-46% of the 500 test problems, whose
+    # triples no demonstration used
+    assert records[-1]["eval_accuracy"] > 0.2
+    assert records[-1]["loss"] < records[0]["loss"] / 10
+
+
+def test_grpo_trains_on_what_sft_learned(learned, tmp_path):
+    out = tmp_path / "grpo"
+    run_script("grpo.py", "--model", learned, "--task", TASK, "--max-steps", 4, "--eval-examples", 200,
+               "--save-every", 0, "--out-dir", out)
+    records = read_metrics(out)
+    # the same greedy evaluation in both stages: GRPO's starting point is SFT's last figure
+    assert records[0]["eval_accuracy"] == read_metrics(learned)[-1]["eval_accuracy"]
+    steps = [r for r in records if "reward" in r]
+    # rollouts solve a share of the problems (1.0 each): the groups have an advantage to learn from
+    assert sum(r["reward"] for r in steps) / len(steps) > 0.25 and min(r["zero_std_ratio"] for r in steps) < 1
+    assert records[-1]["eval_accuracy"] > 0.2
