@@ -12,7 +12,8 @@ without slowing each other. In the order it happens:
   4. a markdown table (final held-out accuracy per seed, mean, per-seed difference to d1, cost per step
      split into rollout and update, the CPU seconds each run used, measured by the OS, evaluation included)
      and a plot of held-out accuracy against the budget spent.
-Each run writes a cpu.json when it ends: a rerun skips what has finished, so the batch can be resumed.
+Each run writes a cpu.json when it ends: a rerun skips what has finished (and starts over what had not), so
+the batch can be resumed. Run it from the repository root.
 
     python -m bench.compare --task tiny_sudoku --plot docs/compare_tiny_sudoku.png
     python -m bench.compare --task tiny_countdown --seeds 0 1 2 --cpu-seconds 120 --jobs 2
@@ -73,6 +74,9 @@ def run_all(jobs, parallel):
         while pending and len(running) < parallel:
             command, folder = pending.pop(0)
             os.makedirs(folder, exist_ok=True)
+            stale = os.path.join(folder, "metrics.jsonl")  # of a run stopped before its end: it starts over
+            if os.path.exists(stale):
+                os.remove(stale)
             log = open(os.path.join(folder, "run.log"), "w")
             process = subprocess.Popen([sys.executable, *command, "--out-dir", folder], stdout=log,
                                        stderr=subprocess.STDOUT, env=env)
@@ -168,33 +172,38 @@ def report(args, root, steps):
     def final(name, seed):
         return held_out_curve(read_records(folder(name, seed)))[-1][1]
 
-    def cpu(name, seed):
+    def usage(name, seed):
         with open(os.path.join(folder(name, seed), "cpu.json")) as f:
-            return json.load(f)["cpu_seconds"]
+            return json.load(f)
+
+    def cpu(name, seed):
+        return usage(name, seed)["cpu_seconds"]
+
+    def step_costs(name, key):
+        """A step's seconds of `key`, in CPU seconds: each run's wall seconds x its CPU / wall seconds."""
+        return statistics.mean(record[key] * usage(name, s)["cpu_seconds"] / usage(name, s)["wall_seconds"]
+                               for s in seeds for record in read_records(folder(name, s)) if key in record)
 
     seeds = args.seeds
     start = {s: held_out_curve(read_records(folder("d1", s)))[0][1] for s in seeds}  # grpo.py's step 0
-    lines = ["| run | flags | steps | rollout + update s a step | CPU s | "
+    lines = ["| run | flags | steps | CPU s a step: rollout + update | CPU s | "
              + " | ".join(f"seed {s}" for s in seeds) + " | mean | against d1, per seed | mean diff |",
-             "| --- " * (7 + len(seeds)) + "|",
+             "| --- " * (8 + len(seeds)) + "|",
              "| SFT (start) | | | | | " + " | ".join(f"{start[s]:.1f}" for s in seeds)
              + f" | {statistics.mean(start.values()):.1f} | | |"]
     d1 = {s: final("d1", s) for s in seeds}
     for name in [BASELINE, *args.methods]:
         finals = {s: final(name, s) for s in seeds}
-        records = [r for s in seeds for r in read_records(folder(name, s))
-                   if "rollout_s" in r or "dt_ms" in r]
         if name == BASELINE:
-            flags = "sft.py " + " ".join(CONTINUED_SFT)
-            cost = f"{statistics.mean(training_seconds(r) for r in records):.2f}"
+            flags = "`sft.py " + " ".join(CONTINUED_SFT) + "`"
+            cost = f"{step_costs(name, 'dt_ms') / 1000:.2f}"
         else:
-            flags = " ".join(method_flags(name, args.task)) or "(grpo.py's defaults)"
-            cost = (f"{statistics.mean(r['rollout_s'] for r in records):.2f} + "
-                    f"{statistics.mean(r['update_s'] for r in records):.2f}")
+            flags = f"`{' '.join(method_flags(name, args.task))}`" if METHODS[name] else "grpo.py's defaults"
+            cost = f"{step_costs(name, 'rollout_s'):.2f} + {step_costs(name, 'update_s'):.2f}"
         diffs = {s: finals[s] - d1[s] for s in seeds}
         against = "" if name == "d1" else " / ".join(f"{diffs[s]:+.1f}" for s in seeds)
         mean_diff = "" if name == "d1" else f"{statistics.mean(diffs.values()):+.1f}"
-        lines.append(f"| {name} | `{flags}` | {steps[name]} | {cost} | "
+        lines.append(f"| {name} | {flags} | {steps[name]} | {cost} | "
                      f"{statistics.mean(cpu(name, s) for s in seeds):.0f} | "
                      + " | ".join(f"{finals[s]:.1f}" for s in seeds)
                      + f" | {statistics.mean(finals.values()):.1f} | {against} | {mean_diff} |")
@@ -215,6 +224,8 @@ def report(args, root, steps):
     for i, name in enumerate([*args.methods, BASELINE]):
         for j, seed in enumerate(seeds):
             curve = held_out_curve(read_records(folder(name, seed)))
+            if curve[0][0] > 0:  # sft.py does not evaluate its starting point: grpo.py's step 0 did
+                curve.insert(0, (0.0, start[seed]))
             ax.plot([args.cpu_seconds * share for share, _ in curve], [accuracy for _, accuracy in curve],
                     color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[j % 4], marker="o", markersize=2.5,
                     label=name if j == 0 else None)
