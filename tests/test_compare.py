@@ -58,8 +58,8 @@ def test_end_to_end_on_tiny_sudoku(tmp_path):
     (sft / "cpu.json").write_text(json.dumps({"cpu_seconds": 1.0, "wall_seconds": 1.0}))
     plot = tmp_path / "compare.png"
     run = subprocess.run([sys.executable, "-m", "bench.compare", "--task", "tiny_sudoku", "--seeds", "0",
-                          "--methods", "d1", "wd1", "--cpu-seconds", "0.1", "--jobs", "2", "--eval-examples", "20",
-                          "--out-dir", str(tmp_path), "--plot", str(plot)],
+                          "--methods", "d1", "wd1", "--cpu-seconds", "0.1", "--jobs", "2",
+                          "--eval-examples", "20", "--out-dir", str(tmp_path), "--plot", str(plot)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     root = tmp_path / "tiny_sudoku"
