@@ -8,6 +8,7 @@
 - the generation defaults divide as the sampler requires and hold the longest completion, EOS included;
 - `sft.py --task tiny_countdown` runs a few steps and `grpo.py --task tiny_countdown` 2 steps from its
   checkpoint, with no canvas (the sampler starts from an all-[MASK] completion);
+- every method of objectives.py runs 2 steps on it (IGPO hints every all-wrong group);
 - it learns in the suite's time: sft.py's default run solves held-out problems (none from scratch), and GRPO
   from it starts where SFT's evaluation ended and has rollouts with an advantage.
 """
@@ -128,3 +129,24 @@ def test_grpo_trains_on_what_sft_learned(learned, tmp_path):
     # rollouts solve a share of the problems (1.0 each): the groups have an advantage to learn from
     assert sum(r["reward"] for r in steps) / len(steps) > 0.25 and min(r["zero_std_ratio"] for r in steps) < 1
     assert records[-1]["eval_accuracy"] > 0.2
+
+
+METHODS = {  # objectives.py's methods, as the comparison runs them (bench/compare.py)
+    "coupled": ["--estimator", "coupled"],
+    "wd1": ["--objective", "wd1", "--lr", 3e-5],
+    "spg": ["--estimator", "spg", "--objective", "spg", "--block-length", 8],
+    "justgrpo": ["--estimator", "ar", "--rollout-order", "left-to-right", "--p-mask-prompt", 0,
+                 "--num-iterations", 1, "--beta", 0],
+    "igpo": ["--inpaint-zero-std-groups"],
+    "d2": ["--estimator", "stepmerge", "--merge-chunks", 4],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_the_free_text_task(sft_run, tmp_path, method):
+    out, _ = sft_run
+    run_script("grpo.py", "--model", out, "--task", TASK, *TWO_STEPS, *METHODS[method], "--out-dir", tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2] and all(0.0 <= r["reward"] <= 1.0 for r in records)
+    if method == "igpo":  # 3 SFT steps solve nothing: every group is all wrong and sampled again with hints
+        assert all(r["igpo_groups"] == 2 for r in records) and sum(r["igpo_hint_tokens"] for r in records) > 0
