@@ -120,6 +120,8 @@ def main():
     args = parser.parse_args()
     if "d1" not in args.methods:
         raise SystemExit("--methods must include d1: the table's differences are to d1")
+    if args.jobs < 1 or args.cpu_seconds <= 0:
+        raise SystemExit(f"--jobs {args.jobs} and --cpu-seconds {args.cpu_seconds}: both must be positive")
     root = os.path.join(args.out_dir, args.task)
     task = ["--task", args.task]
 

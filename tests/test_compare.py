@@ -4,7 +4,8 @@ Guards bench/compare.py, grpo.py's methods side by side at matched CPU seconds:
 - run_all runs its commands `jobs` at a time, each on one thread, writes each folder's cpu.json with the CPU
   seconds the OS measured, skips a folder that has one (a resumed batch), starts over a run that had not
   ended (its metrics.jsonl removed), and stops on a failed run, naming its log;
-- SPG's block length is a quarter of the task's completion;
+- SPG's block length is a quarter of the task's completion; a batch without d1, or with no jobs, is refused
+  before anything runs;
 - end to end on tiny_sudoku (one seed, d1 and wd1, a budget of 0.1 CPU seconds, 20 held-out examples, from a
   3-step SFT checkpoint put where the batch looks for it, so that the batch skips its SFT): the calibration
   runs, each method's steps from its cost, each run evaluated at the start, halfway and at the end, the table
@@ -45,6 +46,15 @@ def test_spg_masks_four_blocks_of_the_tasks_completion():
     assert compare.method_flags("spg", "tiny_sudoku")[-2:] == ["--block-length", "5"]
     assert compare.method_flags("spg", "tiny_countdown")[-2:] == ["--block-length", "8"]
     assert compare.method_flags("d1", "tiny_countdown") == []
+
+
+@pytest.mark.parametrize("flags, message", [(["--methods", "wd1"], "must include d1"),
+                                           (["--jobs", "0"], "must be positive")])
+def test_refuses_what_cannot_run(tmp_path, flags, message):
+    run = subprocess.run([sys.executable, "-m", "bench.compare", *flags, "--out-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
 def cells(line):
