@@ -710,6 +710,12 @@ def log_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path):
+    """The records of a metrics JSONL, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def truncate_jsonl(path, step):
     """Drop the records after `step` from a metrics JSONL: on resume, the steps a killed run logged after
     its last checkpoint are computed again, and must not appear twice (rank 0 alone writes)."""

@@ -377,6 +377,9 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
         raise ValueError(f"cache must be one of {CACHE_MODES}, not {cache!r}")
     if threshold is not None and (remasking != "low_confidence" or not 0 < threshold <= 1):
         raise ValueError(f"threshold {threshold}: a confidence in (0, 1], with remasking='low_confidence'")
+    if record is not None and threshold is not None:
+        raise ValueError("record: threshold decoding runs a varying number of steps per block, so a "
+                         "position's step index is not defined; record without threshold")
     if stats is not None:
         B = len(prompt_ids)
         generated = B * gen_length if canvas is None else int((canvas == mask_id).expand(B, gen_length).sum())
@@ -385,9 +388,6 @@ def generate(model, prompt_ids, steps, gen_length, block_length, temperature=0.0
         model = counting_passes(model, stats, cfg_scale)
     unmask_step = None
     if record is not None:
-        if threshold is not None:
-            raise ValueError("record: threshold decoding runs a varying number of steps per block, so a "
-                             "position's step index is not defined; record without threshold")
         unmask_step = record["unmask_step"] = torch.zeros(len(prompt_ids), gen_length, dtype=torch.long,
                                                           device=prompt_ids.device)
     common = (model, prompt_ids, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id,

@@ -57,7 +57,8 @@ import model as M
 import objectives
 import rewards
 from evaluate import evaluate_examples
-from generate import CACHE_MODES, forward_passes_per_token, generate_records, read_completions
+from generate import (CACHE_MODES, forward_passes_per_token, generate_records, read_completions,
+                      sequence_attention_mask)
 from model import token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -80,8 +81,7 @@ def rollout(model, tokenizer, records, sampler, *, num_generations, mask_id, dev
             stats=stats, record=record)  # d1 (TRL) keeps the last max_prompt_length tokens of a longer prompt
     gen_length = sampler["gen_length"]
     completion_mask, texts = read_completions(tokenizer, sequences[:, -gen_length:], canvas, mask_id)
-    attention_mask = None if prompt_mask is None else torch.cat(
-        [prompt_mask, torch.ones(len(sequences), gen_length, dtype=prompt_mask.dtype, device=device)], dim=1)
+    attention_mask = sequence_attention_mask(prompt_mask, gen_length, cfg_scale=0)
     return sequences, attention_mask, canvas, completion_mask, texts
 
 
@@ -218,8 +218,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high,
 def d1_clip_ratio(logp, old_logp, advantages, mask, epsilon, epsilon_high):
     """The clip_ratio d1 logs (TRL's definition at d1's pinned commit): the share of tokens whose unclipped
     term is below the clipped one, i.e. outside the range on the side where the clip does not bind (ratio
-    < 1 - eps with A > 0, ratio > 1 + eps with A < 0). grpo_loss's clip fraction counts where it binds; this
-    one compares with d1's logs. Arguments as grpo_loss's."""
+    < 1 - epsilon with A > 0, ratio > 1 + epsilon_high with A < 0). grpo_loss's clip fraction counts where it
+    binds; this one compares with d1's logs. Arguments as grpo_loss's."""
     ratio = torch.exp(logp - old_logp)
     unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
     return (((unclipped < clipped).float() * mask).sum() / mask.sum().clamp(min=1)).detach()
@@ -242,9 +242,9 @@ def learning_rate(optimizer_step, peak, schedule, warmup_steps, total_steps):
 def old_and_reference_logprobs(model, ref_model, logprobs, estimates, batch, micro_batches, *,
                                objective="grpo", beta=0.0, device="cpu"):
     """Step 5, once per rollout batch, without grad and with dropout off: the old policy's per-token log-probs
-    of each estimate (mu > 1; with mu = 1 the ratio is 1) and the reference's (beta > 0), each a list of
-    (N, T) or None. logprobs: an estimator's (ESTIMATORS); batch: the rollout's sequences, attention_mask and
-    prompt_length."""
+    of each estimate (mu > 1 under the grpo objective: with mu = 1 the ratio is 1, and a ratio-free objective
+    has none) and the reference's (beta > 0), each a list of (N, T) or None. logprobs: an estimator's
+    (ESTIMATORS); batch: the rollout's sequences, attention_mask and prompt_length."""
     model.eval()  # dropout off for every log-prob that enters a ratio
     reading = (micro_batches, batch["sequences"], batch["attention_mask"], batch["prompt_length"], device)
     old_logps = ref_logps = None
@@ -266,7 +266,8 @@ def update(model, optimizer, trainable, logprobs, estimates, batch, micro_batche
     sequences, attention_mask, prompt_length, completion_mask, advantages (N, 1), num_generations, and a
     ratio-free objective's per-sequence weights; old_logps / ref_logps: step 5's; learning_rates[k]: step k's
     lr; ratio_free_loss: a ratio-free objective's loss (objectives.py), used when objective is not "grpo".
-    Returns the metrics, averaged over the steps."""
+    Returns the metrics, averaged over the steps (first_ratio_error: the largest over the first step's
+    micro-batches)."""
     stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_d1": 0.0, "grad_norm": 0.0,
              "first_ratio_error": 0.0}
     mu, mask = len(estimates), batch["completion_mask"].float()
@@ -330,7 +331,8 @@ def dry_run(args, sampler, micro_batches, prompts_per_rank, epsilon_high, world_
         notes.append("not modelled: IGPO's second rollout of the all-wrong groups and its entropy pass")
     chunks = 1  # the ar estimator's chunks of positions, alike: the first is run, FLOPs and time x chunks
     if args.estimator == "ar":
-        chunks = objectives.ar_chunks(len(range(*micro_batches[0].indices(N))), sampler["gen_length"])[1]
+        micro = micro_batches[0].stop - micro_batches[0].start
+        chunks = objectives.ar_chunks(micro, sampler["gen_length"])[1]
         logprobs = functools.partial(logprobs, max_chunks=1)
         notes.append(f"--estimator ar: the first of its {chunks} chunks of positions per micro-batch, FLOPs "
                      f"and time x {chunks} (the other log-probs 0)")
@@ -624,7 +626,8 @@ if __name__ == "__main__":
         # 1. rollouts of this rank's share of the step's prompts (whole groups per rank)
         indices = data.step_indices(step, args.prompts_per_step, len(prompts), args.seed)
         records = [prompts[i] for i in ddp.shard(indices, rank, world_size)]
-        sampler_stats, rollout_record = {}, {}  # the sampler's commit steps, for d2-StepMerge
+        # the sampler's pass counts, and its commit steps (recorded for d2-StepMerge alone: a cost per step)
+        sampler_stats, rollout_record = {}, {}
         with ddp.unsharded(model):  # FSDP: the sampler skips steps with nothing to commit, so ranks differ
             sequences, attention_mask, canvas, completion_mask, texts = rollout(
                 model, tokenizer, records, sampler, num_generations=args.num_generations, mask_id=mask_id,

@@ -206,14 +206,14 @@ def ar_logprobs(policy, estimate, rows, sequences, attention_mask, prompt_length
     sequences, template = sequences[rows], template[rows]
     mask = None if attention_mask is None else attention_mask[rows]
     n, L = sequences.shape
-    per_chunk, num_chunks = ar_chunks(n, L - prompt_length)
+    per_chunk, _ = ar_chunks(n, L - prompt_length)
     columns = []
-    for start in range(prompt_length, L, per_chunk)[:max_chunks or num_chunks]:
+    for start in range(prompt_length, L, per_chunk)[:max_chunks]:
         chunk = (policy, sequences, template, mask, start, min(start + per_chunk, L), mask_id)
         columns.append(torch.utils.checkpoint.checkpoint(ar_chunk_logprobs, *chunk, use_reentrant=False)
                        if torch.is_grad_enabled() else ar_chunk_logprobs(*chunk))
-    read = sum(column.shape[1] for column in columns)
-    columns.append(torch.zeros(n, L - prompt_length - read, device=sequences.device))
+    done = sum(column.shape[1] for column in columns)
+    columns.append(torch.zeros(n, L - prompt_length - done, device=sequences.device))
     return torch.cat(columns, dim=1)
 
 
@@ -335,7 +335,6 @@ CHECKS.append(stepmerge_check)
 # advantage raises a lower bound of its log-likelihood (the ELBO), one of advantage <= 0 lowers a mix of that
 # and an upper bound (the EUBO), both read from m block-wise masked samples. The line numbers below are
 # facebookresearch/SPG @ a1c7120, spg/spg_trainer.py.
-
 
 
 def spg_input(sequences, is_prompt, p_mask_prompt, mask_id, generator, *, completion_mask, block_length,

@@ -7,7 +7,6 @@ against the step. matplotlib is an optional dependency (pip install matplotlib).
 """
 
 import argparse
-import json
 import os
 
 parser = argparse.ArgumentParser(
@@ -25,6 +24,7 @@ try:
 except ImportError:
     raise SystemExit("plot.py needs matplotlib, an optional dependency: pip install matplotlib") from None
 
+from checkpoint import read_jsonl
 from evaluate import model_names
 
 fig, (ax_reward, ax_accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -37,8 +37,7 @@ styles = [("-", "--", ":", "-.")[names[:i].count(name) % 4] for i, name in enume
 for path, label, name, style in zip(args.metrics, labels, names, styles):
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist (grpo.py writes metrics.jsonl into its --out-dir)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     evaluated = [(r["step"], 100 * r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
     records = [r for r in records if "reward" in r]
     if not records:

@@ -4,9 +4,9 @@ Every RL method of grpo.py side by side on a tiny task, at matched compute, from
 Compute is CPU seconds at one thread per run (OMP_NUM_THREADS=1), so that `--jobs` runs can share the cores
 without slowing each other. In the order it happens:
   1. sft.py per seed: the checkpoint every method of that seed starts from;
-  2. each method's cost per step: a short run from seed 0's checkpoint, the median of its steps' training
-     seconds (rollout + update; sft.py's step for the baseline; the first two left out: warm-up), times the
-     run's CPU seconds over its wall seconds (other work may share the cores);
+  2. each method's cost per step: a short run from the first seed's checkpoint, the median of its steps'
+     training seconds (rollout + update; sft.py's step for the baseline; the first two left out: warm-up),
+     times the run's CPU seconds over its wall seconds (other work may share the cores);
   3. every (method, seed) run for round(--cpu-seconds / cost) steps, held-out accuracy at the start, halfway
      and at the end; the baseline is that SFT checkpoint trained on, run_tiny.sh's way, for as long;
   4. a markdown table (final held-out accuracy per seed, mean, per-seed difference to d1, cost per step
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import checkpoint as C
 import data
 
 # grpo.py's flags of each method beyond the task, seed and checkpoint. The ratio-free objectives (wd1, SPG)
@@ -54,8 +55,14 @@ def method_flags(method, task):
 
 
 def read_records(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return C.read_jsonl(os.path.join(folder, C.METRICS_NAME))
+
+
+def cpu_per_wall(folder):
+    """CPU seconds over wall seconds of a finished run (its cpu.json): 1 when nothing else shared its core."""
+    with open(os.path.join(folder, "cpu.json")) as f:
+        usage = json.load(f)
+    return usage["cpu_seconds"] / usage["wall_seconds"]
 
 
 def training_seconds(record):
@@ -74,7 +81,7 @@ def run_all(jobs, parallel):
         while pending and len(running) < parallel:
             command, folder = pending.pop(0)
             os.makedirs(folder, exist_ok=True)
-            stale = os.path.join(folder, "metrics.jsonl")  # of a run stopped before its end: it starts over
+            stale = os.path.join(folder, C.METRICS_NAME)  # of a run stopped before its end: it starts over
             if os.path.exists(stale):
                 os.remove(stale)
             log = open(os.path.join(folder, "run.log"), "w")
@@ -129,7 +136,7 @@ def main():
     sft = {seed: os.path.join(root, f"s{seed}", "sft") for seed in args.seeds}
     run_all([(["sft.py", *task, "--seed", str(seed)], sft[seed]) for seed in args.seeds], args.jobs)
 
-    # 2. cost per step, from seed 0's checkpoint (the first seed's)
+    # 2. cost per step, from the first seed's checkpoint
     first = sft[args.seeds[0]]
     calibration = [(["grpo.py", *task, "--model", first, *method_flags(m, args.task), "--max-steps",
                      str(CALIBRATION_STEPS["grpo"]), "--eval-examples", "0", "--save-every", "0"],
@@ -141,11 +148,9 @@ def main():
     steps = {}
     for name in [*args.methods, BASELINE]:
         folder = os.path.join(root, "calibrate", name)
-        with open(os.path.join(folder, "cpu.json")) as f:
-            usage = json.load(f)  # wall seconds to CPU seconds, should other work share the cores
         timed = [training_seconds(r) for r in read_records(folder) if ("rollout_s" in r or "dt_ms" in r)
                  and r["step"] > 2]
-        cost = usage["cpu_seconds"] / usage["wall_seconds"] * statistics.median(timed)
+        cost = cpu_per_wall(folder) * statistics.median(timed)  # should other work have shared the cores
         steps[name] = max(4, round(args.cpu_seconds / cost))
         print(f"{name}: {cost:.3f} s a step -> {steps[name]} steps", flush=True)
 
@@ -174,17 +179,15 @@ def report(args, root, steps):
     def final(name, seed):
         return held_out_curve(read_records(folder(name, seed)))[-1][1]
 
-    def usage(name, seed):
-        with open(os.path.join(folder(name, seed), "cpu.json")) as f:
-            return json.load(f)
-
     def cpu(name, seed):
-        return usage(name, seed)["cpu_seconds"]
+        with open(os.path.join(folder(name, seed), "cpu.json")) as f:
+            return json.load(f)["cpu_seconds"]
 
     def step_costs(name, key):
         """A step's seconds of `key`, in CPU seconds: each run's wall seconds x its CPU / wall seconds."""
-        return statistics.mean(record[key] * usage(name, s)["cpu_seconds"] / usage(name, s)["wall_seconds"]
-                               for s in seeds for record in read_records(folder(name, s)) if key in record)
+        return statistics.mean(record[key] * rate for rate, records in
+                               ((cpu_per_wall(folder(name, s)), read_records(folder(name, s))) for s in seeds)
+                               for record in records if key in record)
 
     seeds = args.seeds
     start = {s: held_out_curve(read_records(folder("d1", s)))[0][1] for s in seeds}  # grpo.py's step 0

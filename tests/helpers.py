@@ -238,8 +238,7 @@ def digit_checkpoint(path, seed=0):
 
 
 def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return C.read_jsonl(os.path.join(out_dir, C.METRICS_NAME))
 
 
 def parameters(path):

@@ -91,7 +91,7 @@ def test_grpo_recipe_fits(llada_8b, task, mu):
 def without(flags, *names):
     """flags less each --name and its value."""
     out, skip = [], False
-    for i, flag in enumerate(flags):
+    for flag in flags:
         if skip:
             skip = False
         elif flag in names:
@@ -145,13 +145,14 @@ def test_evaluation_at_512_tokens_fits(llada_8b, cache, limit):
 
 
 def test_dry_run_world_size_and_prompt_tokens(tmp_path):
-    one = run_script("sft.py", "--dry-run", "--batch-size", 8, "--dry-run-prompt-tokens", 50)
-    eight = run_script("sft.py", "--dry-run", "--batch-size", 8, "--dry-run-world-size", 8)
+    out = ["--out-dir", tmp_path / "out"]  # a dry run writes nothing there
+    one = run_script("sft.py", "--dry-run", "--batch-size", 8, "--dry-run-prompt-tokens", 50, *out)
+    eight = run_script("sft.py", "--dry-run", "--batch-size", 8, "--dry-run-world-size", 8, *out)
     assert "a micro-batch of 8 x 4096 tokens, prompts of 50, x 1 accumulated" in one.stdout
     assert "a micro-batch of 1 x 4096 tokens, prompts of 200, x 1 accumulated" in eight.stdout
     start = digit_checkpoint(tmp_path / "digits")
     grpo = run_script("grpo.py", "--dry-run", "--model", start, "--dry-run-world-size", 2,
-                      "--dry-run-prompt-tokens", 30)
+                      "--dry-run-prompt-tokens", 30, *out)
     assert "4 prompts (32 rollouts) per rank" in grpo.stdout and "prompts of 30 tokens" in grpo.stdout
     assert not (tmp_path / "out").exists()
 

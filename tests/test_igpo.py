@@ -184,6 +184,7 @@ def recording_generate(monkeypatch):
 def test_only_all_wrong_groups_are_inpainted(toy, tokenizer, monkeypatch, max_replacements):
     model, records, rollout, mask_id = toy
     sequences, _, _, completion_mask, texts = rollout
+    before = (sequences.clone(), completion_mask.clone(), list(texts))
     calls = recording_generate(monkeypatch)
     new, new_mask, new_texts, hint_mask, metrics = objectives.inpaint_zero_std_groups(
         model, tokenizer, records, rollout, has_x, SAMPLER, num_generations=G, mask_id=mask_id,
@@ -211,7 +212,8 @@ def test_only_all_wrong_groups_are_inpainted(toy, tokenizer, monkeypatch, max_re
         assert torch.equal(new_mask[row], expected_mask[0])  # the hints are actions: in d1's mask
     assert len(sources) == max_replacements
     # the inputs are not modified
-    assert rollout[4] is texts and has_x(texts, None)[:G] == [False] * G
+    assert torch.equal(sequences, before[0]) and torch.equal(completion_mask, before[1])
+    assert texts == before[2] and has_x(texts, None)[:G] == [False] * G
 
 
 def test_nothing_changes_without_a_correct_hinted_row(toy, tokenizer):

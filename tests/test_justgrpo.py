@@ -14,7 +14,7 @@ Guards JustGRPO's exact likelihood (objectives.py, `grpo.py --estimator ar`; Ni 
   equals the estimator's: the likelihood is that of what was sampled;
 - grpo.py end to end on the tiny task (gen_length 20): --estimator ar with mu 1 and beta 0 (JustGRPO's
   gradient) runs with T = 20 forward rows per estimate and the first ratio exactly 1, and with mu 2 and
-  beta > 0 the no-grad old and reference reads equal the checkpointed ones bitwise (first ratio 1);
+  beta > 0 the no-grad old read equals the checkpointed current one bitwise (first ratio 1);
 - `--rollout-order left-to-right` is block length 1 with gen_length steps: the same run as those flags given
   by hand, and it refuses other block lengths or steps;
 - the refusals: block length or steps that are not left to right, a cache or a threshold, p_mask_prompt > 0.

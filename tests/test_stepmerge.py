@@ -16,7 +16,7 @@ Guards d2-StepMerge (Wang, Turok, Schiff, Arriola, Kuleshov 2025, d2; grpo.py --
 - stepmerge_logprobs equals a slow reference written here: token by token, its state built by hand and its
   log-prob read from a separate forward;
 - grpo.py end to end: --merge-chunks 2 runs 2 steps on the tiny default (old, reference and current
-  log-probs on the same states: the first ratio exactly 1; (old + ref + mu) x K forward passes per step),
+  log-probs on the same states: the first ratio exactly 1; mu x (old, reference, current) x K forward passes per step),
   --merge-chunks 1 trains the same weights as --estimator d1, the dry run's update peak grows with K, and
   the refusals (--rollout-threshold, K < 1, K > the rollout's steps) are clean messages.
 """

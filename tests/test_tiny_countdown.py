@@ -20,6 +20,7 @@ import checkpoint as C
 import data
 import evaluate
 import rewards
+from bench import compare
 from data.countdown import TINY_COUNTDOWN_FORMAT, TINY_NUM_SFT_TRIPLES, split_triples
 
 TASK = "tiny_countdown"
@@ -131,21 +132,11 @@ def test_grpo_trains_on_what_sft_learned(learned, tmp_path):
     assert records[-1]["eval_accuracy"] > 0.2
 
 
-METHODS = {  # objectives.py's methods, as the comparison runs them (bench/compare.py)
-    "coupled": ["--estimator", "coupled"],
-    "wd1": ["--objective", "wd1", "--lr", 3e-5],
-    "spg": ["--estimator", "spg", "--objective", "spg", "--block-length", 8],
-    "justgrpo": ["--estimator", "ar", "--rollout-order", "left-to-right", "--p-mask-prompt", 0,
-                 "--num-iterations", 1, "--beta", 0],
-    "igpo": ["--inpaint-zero-std-groups"],
-    "d2": ["--estimator", "stepmerge", "--merge-chunks", 4],
-}
-
-
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in compare.METHODS if m != "d1"])
 def test_every_method_runs_on_the_free_text_task(sft_run, tmp_path, method):
-    out, _ = sft_run
-    run_script("grpo.py", "--model", out, "--task", TASK, *TWO_STEPS, *METHODS[method], "--out-dir", tmp_path)
+    out, _ = sft_run  # each method with the flags the comparison runs it with
+    run_script("grpo.py", "--model", out, "--task", TASK, *TWO_STEPS, *compare.method_flags(method, TASK),
+               "--out-dir", tmp_path)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2] and all(0.0 <= r["reward"] <= 1.0 for r in records)
     if method == "igpo":  # 3 SFT steps solve nothing: every group is all wrong and sampled again with hints
